@@ -1,0 +1,194 @@
+"""
+The metrics registry: Linkerd's proxy metric names on a private prometheus_client registry.
+
+The data path never looks label children up per request. It asks this module once per connection (or per
+route) for a small bundle of bound children, and calls C{inc}/C{observe} on those.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.process_collector import ProcessCollector
+
+LATENCY_BUCKETS_MS = (
+    1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000, 4000, 5000,
+    10000, 20000, 30000, 40000, 50000,
+)
+
+HTTP_LABELS = ("direction", "authority", "target_addr", "tls", "client_id", "server_id")
+TCP_LABELS = ("direction", "peer", "tls", "target_addr")
+
+# gRPC codes Linkerd classifies as failures.
+GRPC_FAILURE_CODES = frozenset({"2", "4", "7", "13", "14", "15"})
+
+# Bounds on label values that hostile or buggy peers choose; past these, values fold into "overflow".
+MAX_SNI_VALUES = 100
+MAX_HTTP_ROUTES = 1000
+
+
+def classify(status_code, grpc_status):
+    """
+    Linkerd's response classification: 5xx is a failure; so is a failing gRPC status.
+
+    @param status_code: the HTTP status as an C{int}.
+    @param grpc_status: the C{grpc-status} text, or C{""} for non-gRPC responses.
+    @return: C{"success"} or C{"failure"}.
+    """
+    if status_code >= 500 or grpc_status in GRPC_FAILURE_CODES:
+        return "failure"
+    return "success"
+
+
+class TcpMetrics:
+    """
+    Bound children for one TCP peer of one connection (or one route): open/close/bytes.
+    """
+
+    __slots__ = ("_open_total", "open_connections", "_close_ok", "_close_fail", "read_bytes", "write_bytes")
+
+    def __init__(self, metrics, labels):
+        self._open_total = metrics.tcp_open_total.labels(*labels)
+        self.open_connections = metrics.tcp_open_connections.labels(*labels)
+        self._close_ok = metrics.tcp_close_total.labels(*labels, "success")
+        self._close_fail = metrics.tcp_close_total.labels(*labels, "failure")
+        #: bound C{Counter} children; the data path calls C{.inc(n)} on them.
+        self.read_bytes = metrics.tcp_read_bytes_total.labels(*labels)
+        self.write_bytes = metrics.tcp_write_bytes_total.labels(*labels)
+
+    def opened(self):
+        """A connection with these labels opened."""
+        self._open_total.inc()
+        self.open_connections.inc()
+
+    def closed(self, success=True):
+        """A connection counted by L{opened} closed, cleanly or not."""
+        self.open_connections.dec()
+        (self._close_ok if success else self._close_fail).inc()
+
+
+class HttpRouteMetrics:
+    """
+    Bound children for one (direction, authority, target, tls, identities) route.
+    """
+
+    __slots__ = ("_metrics", "_labels", "requests", "_responses")
+
+    def __init__(self, metrics, labels):
+        self._metrics = metrics
+        self._labels = labels
+        #: bound C{request_total} child.
+        self.requests = metrics.request_total.labels(*labels)
+        self._responses = {}
+
+    def response(self, status_code, grpc_status, latency_ms):
+        """
+        Count one response and its time to first byte.
+
+        @param status_code: HTTP status as C{int}.
+        @param grpc_status: C{grpc-status} text, or C{""}.
+        @param latency_ms: milliseconds from request start to the response's first byte.
+        """
+        key = (status_code, grpc_status)
+        pair = self._responses.get(key)
+        if pair is None:
+            code = str(status_code)
+            pair = self._responses[key] = (
+                self._metrics.response_total.labels(
+                    *self._labels, classify(status_code, grpc_status), code, grpc_status),
+                self._metrics.response_latency_ms.labels(*self._labels, code),
+            )
+        pair[0].inc()
+        pair[1].observe(latency_ms)
+
+
+class Metrics:
+    """
+    Every metric family linkproxy exports, on its own L{CollectorRegistry}.
+
+    @ivar registry: what C{/metrics} renders.
+    """
+
+    def __init__(self, process=True):
+        # Linkerd exports no *_created series; they double the scrape size for nothing.
+        disable_created_metrics()
+        r = self.registry = CollectorRegistry(auto_describe=False)
+        if process:
+            ProcessCollector(registry=r)
+
+        # HTTP golden metrics (Linkerd names).
+        self.request_total = Counter("request", "Requests the proxy received", HTTP_LABELS, registry=r)
+        self.response_total = Counter(
+            "response", "Responses, classified", HTTP_LABELS + ("classification", "status_code", "grpc_status"),
+            registry=r)
+        self.response_latency_ms = Histogram(
+            "response_latency_ms", "Time from request to the response's first byte, in ms",
+            HTTP_LABELS + ("status_code",), buckets=LATENCY_BUCKETS_MS, registry=r)
+
+        # TCP metrics (Linkerd names).
+        self.tcp_open_total = Counter("tcp_open", "TCP connections opened", TCP_LABELS, registry=r)
+        self.tcp_open_connections = Gauge("tcp_open_connections", "TCP connections open now", TCP_LABELS,
+                                          registry=r)
+        self.tcp_close_total = Counter("tcp_close", "TCP connections closed", TCP_LABELS + ("classification",),
+                                       registry=r)
+        self.tcp_read_bytes_total = Counter("tcp_read_bytes", "Bytes read from the peer", TCP_LABELS,
+                                            registry=r)
+        self.tcp_write_bytes_total = Counter("tcp_write_bytes", "Bytes written to the peer", TCP_LABELS,
+                                             registry=r)
+        self.tcp_connect_error_total = Counter(
+            "tcp_connect_error", "Upstream connects that failed or timed out", ("direction", "target_addr", "error"),
+            registry=r)
+        self.tcp_protocol_error_total = Counter(
+            "tcp_protocol_error", "Connections closed for garbage on the TCP, TLS or HTTP layer",
+            ("direction", "protocol", "error"), registry=r)
+
+        # Protocol detection.
+        self.protocol_detect_total = Counter(
+            "protocol_detect", "Protocol detection outcomes", ("direction", "protocol", "reason"), registry=r)
+        self.tls_client_hello_total = Counter(
+            "tls_client_hello", "TLS ClientHellos seen during detection, by SNI", ("direction", "sni"),
+            registry=r)
+        self._sni_seen = set()
+
+        self._tcp = {}
+        self._http = {}
+
+    def tcp(self, direction, peer, tls, target_addr):
+        """
+        @param peer: C{"src"} for the accepted side, C{"dst"} for the connection the proxy opened.
+        @param tls: C{"true"}, C{"false"} or a Linkerd-style reason such as C{"no_identity"}.
+        @return: the cached L{TcpMetrics} for these labels.
+        """
+        key = (direction, peer, tls, target_addr)
+        bundle = self._tcp.get(key)
+        if bundle is None:
+            bundle = self._tcp[key] = TcpMetrics(self, key)
+        return bundle
+
+    def http_route(self, direction, authority, target_addr, tls="false", client_id="", server_id=""):
+        """
+        @return: the cached L{HttpRouteMetrics} for these labels; bind it once per connection or route.
+        """
+        key = (direction, authority, target_addr, tls, client_id, server_id)
+        bundle = self._http.get(key)
+        if bundle is None:
+            if len(self._http) >= MAX_HTTP_ROUTES:
+                key = (direction, "overflow", "overflow", tls, client_id, server_id)
+                bundle = self._http.get(key)
+            if bundle is None:
+                bundle = self._http[key] = HttpRouteMetrics(self, key)
+        return bundle
+
+    def detected(self, direction, protocol, reason, sni=None):
+        """
+        Count one detection outcome, and the SNI of a ClientHello when there was one.
+
+        @param protocol: C{"tls"}, C{"h2"}, C{"http1"} or C{"opaque"}.
+        @param reason: C{"detected"}, C{"timeout"}, C{"opaque_port"}, C{"eof"}, C{"overflow"}...
+        """
+        self.protocol_detect_total.labels(direction, protocol, reason).inc()
+        if protocol == "tls":
+            label = sni or ""
+            if label not in self._sni_seen:
+                if len(self._sni_seen) >= MAX_SNI_VALUES:
+                    label = "overflow"
+                else:
+                    self._sni_seen.add(label)
+            self.tls_client_hello_total.labels(direction, label).inc()

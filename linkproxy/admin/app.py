@@ -1,0 +1,181 @@
+"""
+The admin server's HTTP application: health, metrics, config, log level and shutdown.
+
+L{AdminApp} holds no global state; the service builds one with its collaborators and serves
+C{AdminApp(...).app.resource()} on the admin listener (C{127.0.0.1:4191} by default).
+
+Routes:
+
+    - C{GET /live}: 200 while the process can answer at all.
+    - C{GET /ready}: 200 when nothing is pending, else 503 listing what is not ready, one item a line.
+    - C{GET /metrics}: Prometheus text exposition of the metrics registry.
+    - C{GET /env.json}: the (already redacted) effective configuration.
+    - C{GET /proxy-log-level}, C{PUT /proxy-log-level}: read or change the runtime log level.
+    - C{POST /shutdown}: from a loopback (or UNIX socket) client only, start a graceful drain and exit.
+"""
+
+import ipaddress
+import json
+
+from klein import Klein
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.address import UNIXAddress
+from twisted.logger import Logger
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from linkproxy.admin.loglevel import LEVEL_NAMES
+
+TEXT_PLAIN = b"text/plain; charset=utf-8"
+APPLICATION_JSON = b"application/json"
+
+# A level name is a few bytes; anything longer is not one, and we would rather not echo it back.
+_MAX_LEVEL_BODY = 64
+
+
+def is_loopback(host):
+    """
+    Say whether a client address is the loopback interface.
+
+    @param host: an IP address as text: IPv4, IPv6 (with or without a C{%zone}), or IPv4-mapped IPv6.
+    @type host: L{str}
+    @return: C{True} for C{127.0.0.0/8}, C{::1} and C{::ffff:127.0.0.0/104}; C{False} for anything else,
+        including text that is not an IP address.
+    @rtype: L{bool}
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; judge the IPv4 address inside.
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return address.is_loopback
+
+
+def is_local_client(address):
+    """
+    Say whether a request came from this host, which is what privileged admin routes require.
+
+    @param address: what C{request.getClientAddress()} returned.
+    @return: C{True} for a loopback IP client or a UNIX-socket client, C{False} otherwise.
+    @rtype: L{bool}
+    """
+    # Only a process on this host can reach a UNIX socket; its file permissions are the access control.
+    if isinstance(address, UNIXAddress):
+        return True
+    host = getattr(address, "host", None)
+    return isinstance(host, str) and is_loopback(host)
+
+
+def _text(request, code, body):
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", TEXT_PLAIN)
+    return body.encode("utf-8")
+
+
+class AdminApp:
+    """
+    The admin Klein application, with its collaborators injected.
+
+    @cvar app: the routes; C{AdminApp(...).app.resource()} is the resource to serve.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, *, metrics, readiness, config_dump, log_level, shutdown, reactor):
+        """
+        @param metrics: the L{linkproxy.admin.metrics.Metrics} whose C{registry} C{/metrics} renders.
+        @param readiness: zero-argument callable returning a L{list} of L{str}, each naming something not
+            ready yet; an empty list means ready.
+        @param config_dump: zero-argument callable returning a JSON-serialisable L{dict}, already redacted.
+        @param log_level: the L{linkproxy.admin.loglevel.LogLevelControl} to read and change.
+        @param shutdown: zero-argument callable that starts a graceful drain and exit; called at most once,
+            after the C{/shutdown} response has been finished.
+        @param reactor: an L{IReactorTime} used to call C{shutdown} outside the request.
+        """
+        self._metrics = metrics
+        self._readiness = readiness
+        self._config_dump = config_dump
+        self._log_level = log_level
+        self._shutdown = shutdown
+        self._reactor = reactor
+        self._shutdown_requested = False
+
+    @app.route("/live", methods=["GET"])
+    def live(self, request):
+        """Liveness: the reactor is turning and the admin server answers."""
+        return _text(request, 200, "live\n")
+
+    @app.route("/ready", methods=["GET"])
+    def ready(self, request):
+        """Readiness: 200 when nothing is pending, else 503 and one reason a line."""
+        try:
+            pending = list(self._readiness())
+        except Exception:
+            # A broken check must read as "not ready", never as ready and never as a traceback.
+            self.log.failure("readiness check raised")
+            pending = ["readiness check failed"]
+        if not pending:
+            return _text(request, 200, "ready\n")
+        return _text(request, 503, "".join(reason + "\n" for reason in pending))
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request):
+        """Prometheus text exposition of every metric family."""
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._metrics.registry)
+
+    @app.route("/env.json", methods=["GET"])
+    def env_json(self, request):
+        """The effective configuration as JSON."""
+        request.setHeader(b"Content-Type", APPLICATION_JSON)
+        return (json.dumps(self._config_dump(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+    @app.route("/proxy-log-level", methods=["GET"])
+    def get_log_level(self, request):
+        """The current log level name."""
+        return _text(request, 200, self._log_level.name + "\n")
+
+    @app.route("/proxy-log-level", methods=["PUT"])
+    def put_log_level(self, request):
+        """Set the log level from the request body: 204, or 400 naming the valid levels."""
+        raw = request.content.read(_MAX_LEVEL_BODY + 1)
+        if len(raw) > _MAX_LEVEL_BODY:
+            return _text(request, 400, "log level name too long; valid levels are: {}\n".format(
+                ", ".join(LEVEL_NAMES)))
+        try:
+            self._log_level.set(raw.decode("utf-8", "replace"))
+        except ValueError as e:
+            return _text(request, 400, "{}\n".format(e))
+        self.log.info("log level set to {level}", level=self._log_level.name)
+        request.setResponseCode(204)
+        return b""
+
+    @app.route("/shutdown", methods=["POST"])
+    def shutdown(self, request):
+        """Start a graceful shutdown, for local clients only."""
+        client = request.getClientAddress()
+        if not is_local_client(client):
+            self.log.warn("refused shutdown from non-local client {client}", client=client)
+            return _text(request, 403, "shutdown is only accepted from localhost\n")
+        if not self._shutdown_requested:
+            self._shutdown_requested = True
+            self.log.info("shutdown requested via admin server")
+            # Wait until the response is finished (or the client has gone), then leave the request's call
+            # stack before draining, so the caller always gets its 202 rather than a reset connection.
+            request.notifyFinish().addBoth(lambda _: self._reactor.callLater(0, self._shutdown))
+        return _text(request, 202, "shutdown\n")
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request, failure):
+        """Plain-text 404 for paths with no route."""
+        return _text(request, 404, "not found\n")
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request, failure):
+        """Plain-text 405, with the C{Allow} header a client needs to correct itself."""
+        allowed = failure.value.valid_methods or []
+        request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
+        return _text(request, 405, "method not allowed\n")

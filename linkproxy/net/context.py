@@ -1,0 +1,58 @@
+"""
+What an HTTP server protocol (HTTP/1 or HTTP/2) needs from the assembly, bundled once per listener.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class HttpSettings:
+    """
+    Shared by every HTTP connection of one direction.
+
+    @ivar direction: C{"inbound"} or C{"outbound"} (the metrics label).
+    @ivar router: an L{linkproxy.interfaces.IRouter}; the inbound one routes everything to the app.
+    @ivar connector: a L{linkproxy.net.connect.Connector}.
+    @ivar metrics: the L{linkproxy.admin.metrics.Metrics}.
+    @ivar reactor: an C{IReactorTime} (and C{IReactorTCP} for connecting).
+    @ivar response_timeout: seconds from dispatch to the response head before a 504.
+    @ivar max_header_bytes: a request head larger than this gets 431.
+    @ivar pool_idle_timeout: seconds an idle pooled client connection is kept.
+    @ivar pool_max_idle: idle client connections kept per endpoint.
+    @ivar tracker: a L{linkproxy.net.tracker.ConnectionTracker}, or C{None}; server connections register with it
+        so a drain can close them when idle.
+    @ivar h1_pool: the HTTP/1 client pool shared by this direction's connections (created by the HTTP/1 module).
+    @ivar h2_pool: the HTTP/2 client connections shared by this direction (created by the HTTP/2 module).
+    """
+
+    direction: str
+    router: Any
+    connector: Any
+    metrics: Any
+    reactor: Any
+    response_timeout: float = 10.0
+    max_header_bytes: int = 65536
+    pool_idle_timeout: float = 3.0
+    pool_max_idle: int = 16
+    tracker: Optional[Any] = None
+    h1_pool: Optional[Any] = None
+    h2_pool: Optional[Any] = None
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """
+    What is known about the client of one accepted connection.
+
+    @ivar tls: the metric label: C{"true"} when the connection is mTLS between proxies, else C{"false"}.
+    @ivar client_id: the verified client identity (meshed clients only), else C{None}.
+    @ivar server_id: this proxy's own identity when it terminated mTLS, else C{None}.
+    """
+
+    tls: str = "false"
+    client_id: Optional[str] = None
+    server_id: Optional[str] = None
+
+
+PLAIN = PeerInfo()

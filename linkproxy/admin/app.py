@@ -149,7 +149,7 @@ class AdminApp:
             self._log_level.set(raw.decode("utf-8", "replace"))
         except ValueError as e:
             return _text(request, 400, "{}\n".format(e))
-        self.log.info("log level set to {level}", level=self._log_level.name)
+        self.log.info("log level set to {new_level}", new_level=self._log_level.name)
         request.setResponseCode(204)
         return b""
 

@@ -7,7 +7,28 @@ inbound proxy; that path is added by the identity layer through L{Connector.mesh
 
 import ipaddress
 
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
+
+
+class _OneShot(Factory):
+    # connectProtocol's factory logs "Starting factory" twice per connection: far too loud for the data path.
+    noisy = False
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
+
+
+def connect_protocol(endpoint, protocol):
+    """
+    Connect C{protocol} through C{endpoint} without per-connection log lines.
+
+    @return: a Deferred firing with C{protocol} once connected.
+    """
+    return endpoint.connect(_OneShot(protocol))
 
 
 def client_endpoint(reactor, address, timeout):
@@ -51,4 +72,4 @@ class Connector:
         """
         if endpoint.meshed and self.meshed is not None:
             return self.meshed(endpoint, protocol, session_protocol)
-        return connectProtocol(client_endpoint(self._reactor, endpoint.address, self._timeout), protocol)
+        return connect_protocol(client_endpoint(self._reactor, endpoint.address, self._timeout), protocol)

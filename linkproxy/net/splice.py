@@ -98,14 +98,16 @@ class AcceptedSplice(SpliceSide):
 
     _connecting = None
 
-    def __init__(self, metrics, connect, on_connect_error=None):
+    def __init__(self, metrics, connect, on_connect_error=None, tracker=None):
         """
         @param metrics: L{TcpMetrics} for the client side (C{peer="src"}).
         @param connect: called once with no arguments; returns a Deferred firing with a connected L{SpliceSide}
             for the upstream, or failing (connect error, timeout, no endpoints).
         @param on_connect_error: called with the failure when C{connect} fails, after the client is closed.
+        @param tracker: a L{linkproxy.net.tracker.ConnectionTracker} to register with while open, or C{None}.
         """
         SpliceSide.__init__(self, metrics)
+        self._tracker = tracker
         self._connect = connect
         self._on_connect_error = on_connect_error
         self._held = []
@@ -113,6 +115,8 @@ class AcceptedSplice(SpliceSide):
 
     def connectionMade(self):
         SpliceSide.connectionMade(self)
+        if self._tracker is not None:
+            self._tracker.add(self)
         self.transport.pauseProducing()
         self._connecting = self._connect()
         self._connecting.addCallbacks(self._connected, self._failed)
@@ -160,8 +164,23 @@ class AcceptedSplice(SpliceSide):
         else:
             log.failure("upstream connect failed", failure)
 
+    def drain(self):
+        """
+        Opaque streams have no request boundary to stop at; they run until either side closes.
+        """
+
+    def abort(self):
+        """
+        The grace period is over: reset both sides.
+        """
+        self.transport.abortConnection()
+        if self.peer is not None and not self.peer._closed:
+            self.peer.transport.abortConnection()
+
     def connectionLost(self, reason=ConnectionDone()):
         SpliceSide.connectionLost(self, reason)
+        if self._tracker is not None:
+            self._tracker.discard(self)
         if self._connecting is not None:
             # The client left while we were still connecting: abandon the upstream attempt.
             connecting, self._connecting = self._connecting, None

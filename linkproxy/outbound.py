@@ -1,0 +1,98 @@
+"""
+The outbound path, assembled top to bottom: accept → detect → target → discover/balance → connect.
+
+The main listener serves HTTP (the target is the request's authority) and transparently redirected TCP (the
+target is the connection's original destination). Each configured TCP route is its own listener with a fixed
+target, forwarded as opaque bytes without detection.
+"""
+
+import socket
+import struct
+
+from linkproxy.core.endpoint import format_address
+from linkproxy.net.context import PLAIN, HttpSettings
+from linkproxy.net.sniff import SniffingProtocol
+from linkproxy.net.tcp import opaque_proxy
+
+DIRECTION = "outbound"
+_SO_ORIGINAL_DST = 80
+
+
+def original_destination(transport):
+    """
+    The pre-NAT destination of a connection redirected to the proxy by iptables, or C{None}.
+
+    @return: C{(host, port)}, or C{None} when the connection was not redirected (or the platform cannot say).
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    sock = get_handle()
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+    except (OSError, AttributeError):
+        return None
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    address = (socket.inet_ntoa(packed), port)
+    host = transport.getHost()
+    if (host.host, host.port) == address:
+        return None
+    return address
+
+
+def build_outbound(runtime, router):
+    """
+    Assemble the main outbound listener's per-connection pipeline.
+
+    @param runtime: the L{linkproxy.runtime.Runtime}.
+    @param router: the outbound L{linkproxy.interfaces.IRouter} (discovery + balancer).
+    @return: a callable taking the peer address and returning the protocol for the accepted connection.
+    """
+    config, metrics, reactor = runtime.config, runtime.metrics, runtime.reactor
+    settings = HttpSettings(
+        direction=DIRECTION, router=router, connector=runtime.connector, metrics=metrics, reactor=reactor,
+        response_timeout=config.response_timeout, max_header_bytes=config.max_header_bytes,
+        pool_idle_timeout=config.pool_idle_timeout, pool_max_idle=config.pool_max_idle, tracker=runtime.tracker)
+    http = _http_servers(settings)
+
+    def on_detected(detection, transport):
+        server = http.get(detection.protocol)
+        if server is not None:
+            return server(settings, PLAIN)
+        target = original_destination(transport)
+        if target is None:
+            metrics.tcp_protocol_error_total.labels(DIRECTION, detection.protocol.value, "no_target").inc()
+            return None
+        authority = format_address(target)
+        return opaque_proxy(runtime, router, authority, DIRECTION,
+                            metrics.tcp(DIRECTION, "src", "false", authority))
+
+    def accept(addr):
+        return SniffingProtocol(on_detected, reactor=reactor, timeout=config.detect_timeout, metrics=metrics,
+                                direction=DIRECTION)
+
+    return accept
+
+
+def build_tcp_route(runtime, router, target):
+    """
+    Assemble one TCP route's listener pipeline: every connection goes to C{target}, as opaque bytes.
+
+    @param target: C{(host, port)}, the logical target that discovery resolves.
+    """
+    authority = format_address(target)
+    src_metrics = runtime.metrics.tcp(DIRECTION, "src", "false", authority)
+
+    def accept(addr):
+        return opaque_proxy(runtime, router, authority, DIRECTION, src_metrics)
+
+    return accept
+
+
+def _http_servers(settings):
+    """
+    The HTTP server protocol for each detected HTTP version, with the client pools they share.
+
+    Until the L7 layer lands, HTTP on the main outbound listener has no target and is refused.
+    """
+    return {}

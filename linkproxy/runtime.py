@@ -1,0 +1,25 @@
+"""
+What every stage of one proxy process shares, built once by the tap and passed to each assembly function.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Runtime:
+    """
+    @ivar reactor: the reactor (time, TCP, resolver).
+    @ivar config: the frozen L{linkproxy.config.Config}.
+    @ivar metrics: the L{linkproxy.admin.metrics.Metrics}.
+    @ivar tracker: the L{linkproxy.net.tracker.ConnectionTracker} a drain walks.
+    @ivar connector: the L{linkproxy.net.connect.Connector} every upstream connection goes through.
+    @ivar log_level: the L{linkproxy.admin.loglevel.LogLevelControl}.
+    """
+
+    reactor: Any
+    config: Any
+    metrics: Any
+    tracker: Any
+    connector: Any
+    log_level: Any = None

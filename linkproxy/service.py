@@ -1,0 +1,229 @@
+"""
+The process as a Twisted service: listeners, readiness, and the graceful drain that SIGTERM and
+C{POST /shutdown} share.
+"""
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+log = Logger(namespace="linkproxy.service")
+
+
+class AcceptFactory(Factory):
+    """
+    A server factory that hands each accepted connection to an assembly function.
+    """
+
+    noisy = False
+
+    def __init__(self, accept):
+        """
+        @param accept: called with the peer address; returns the protocol for the new connection.
+        """
+        self._accept = accept
+
+    def buildProtocol(self, addr):
+        return self._accept(addr)
+
+
+class Listener(Service):
+    """
+    One listening socket; knows whether it is bound, and stops accepting on L{stopService}.
+
+    @ivar port: the L{twisted.internet.interfaces.IListeningPort} once bound.
+    @ivar error: the failure to bind, if any.
+    """
+
+    port = None
+    error = None
+
+    def __init__(self, name, endpoint, factory, description, on_error=None):
+        """
+        @param name: what readiness reports, e.g. C{"inbound"}.
+        @param endpoint: an C{IStreamServerEndpoint}.
+        @param description: the endpoint description text, for messages.
+        @param on_error: called with the failure when binding fails.
+        """
+        self.setName(name)
+        self._endpoint = endpoint
+        self._factory = factory
+        self.description = description
+        self._on_error = on_error
+        self._listening = None
+
+    def startService(self):
+        Service.startService(self)
+        self._listening = self._endpoint.listen(self._factory)
+        self._listening.addCallbacks(self._bound, self._failed)
+
+    def _bound(self, port):
+        self._listening = None
+        self.port = port
+        host = port.getHost()
+        log.info("{name} listening on {address}", name=self.name, address=f"{getattr(host, 'host', host)}:"
+                 f"{getattr(host, 'port', '')}")
+
+    def _failed(self, failure):
+        self._listening = None
+        self.error = failure
+        log.critical("cannot listen for {name} on {description}: {error}", name=self.name,
+                     description=self.description, error=failure.getErrorMessage())
+        if self._on_error is not None:
+            self._on_error(failure)
+
+    @property
+    def bound(self):
+        """C{True} once the socket is listening."""
+        return self.port is not None
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._listening is not None:
+            self._listening.cancel()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return maybeDeferred(port.stopListening)
+        return None
+
+
+class ProxyService(MultiService):
+    """
+    The whole proxy: data listeners, the admin listener, and helpers (discovery, identity) as child services.
+
+    Stopping it drains: data listeners stop accepting, open connections are asked to finish, and whatever is
+    still open after the grace period is aborted; the admin listener goes last, so C{/ready} reports the drain.
+    """
+
+    def __init__(self, *, reactor, tracker, grace_period):
+        MultiService.__init__(self)
+        self._reactor = reactor
+        self._tracker = tracker
+        self._grace = grace_period
+        self._listeners = []
+        self._admin = None
+        self._readiness_checks = []
+        self.draining = False
+        self.failed = False
+
+    def add_listener(self, listener, admin=False):
+        """
+        Add a L{Listener}; data listeners stop first on drain, the admin listener last.
+        """
+        if admin:
+            self._admin = listener
+        else:
+            self._listeners.append(listener)
+        listener.setServiceParent(self)
+
+    def add_readiness_check(self, check):
+        """
+        @param check: zero-argument callable returning a reason text while something is not ready, else C{None}.
+        """
+        self._readiness_checks.append(check)
+
+    def readiness(self):
+        """
+        @return: what is not ready, one text per problem; empty when ready.
+        """
+        problems = []
+        if self.draining:
+            problems.append("draining")
+        for listener in self._listeners + ([self._admin] if self._admin else []):
+            if not listener.bound:
+                problems.append(f"listener {listener.name} not bound ({listener.description})")
+        for check in self._readiness_checks:
+            reason = check()
+            if reason:
+                problems.append(reason)
+        return problems
+
+    def listen_failed(self, failure):
+        """
+        A listener could not bind: the proxy cannot do its job, so the process exits non-zero.
+        """
+        self.failed = True
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def shutdown(self):
+        """
+        Start a graceful drain and stop the process (C{POST /shutdown}); SIGTERM takes the same path.
+        """
+        log.info("shutting down")
+        self._reactor.stop()
+
+    @inlineCallbacks
+    def stopService(self):
+        self.draining = True
+        self.running = 0
+        yield DeferredList([maybeDeferred(listener.stopService) for listener in self._listeners])
+        log.info("draining {count} open connections (grace period {grace} s)", count=len(self._tracker),
+                 grace=self._grace)
+        self._tracker.drain()
+        if len(self._tracker):
+            waiting = self._tracker.wait_empty()
+            timer = self._reactor.callLater(self._grace, waiting.cancel)
+            try:
+                yield waiting
+            except Exception:
+                log.warn("grace period over; aborting {count} connections", count=len(self._tracker))
+                self._tracker.abort_all()
+            if timer.active():
+                timer.cancel()
+        others = [s for s in self if s not in self._listeners and s is not self._admin]
+        yield DeferredList([maybeDeferred(s.stopService) for s in reversed(others)])
+        if self._admin is not None:
+            yield maybeDeferred(self._admin.stopService)
+
+
+def make_proxy_service(config, reactor):
+    """
+    Wire one proxy process from its configuration: metrics, listeners, routers, admin server.
+
+    Nothing is bound until the service starts.
+
+    @param config: a L{linkproxy.config.Config}.
+    @return: a L{ProxyService}.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.web.server import Site
+
+    from linkproxy.admin.app import AdminApp
+    from linkproxy.admin.loglevel import LogLevelControl
+    from linkproxy.admin.metrics import Metrics
+    from linkproxy.inbound import build_inbound
+    from linkproxy.net.connect import Connector
+    from linkproxy.net.tracker import ConnectionTracker
+    from linkproxy.outbound import build_outbound, build_tcp_route
+    from linkproxy.routing import ResolvingRouter
+    from linkproxy.runtime import Runtime
+
+    tracker = ConnectionTracker()
+    runtime = Runtime(reactor=reactor, config=config, metrics=Metrics(), tracker=tracker,
+                      connector=Connector(reactor, config.connect_timeout),
+                      log_level=LogLevelControl(config.log_level))
+    service = ProxyService(reactor=reactor, tracker=tracker, grace_period=config.shutdown_grace_period)
+    outbound_router = ResolvingRouter(reactor)
+
+    def listener(name, description, accept):
+        return Listener(name, serverFromString(reactor, description), AcceptFactory(accept), description,
+                        on_error=service.listen_failed)
+
+    service.add_listener(listener("outbound", config.outbound, build_outbound(runtime, outbound_router)))
+    for listen, target in config.tcp_routes:
+        service.add_listener(listener(f"tcp-route {listen}", listen,
+                                      build_tcp_route(runtime, outbound_router, target)))
+    service.add_listener(listener("inbound", config.inbound, build_inbound(runtime)))
+
+    admin = AdminApp(metrics=runtime.metrics, readiness=service.readiness, config_dump=config.redacted,
+                     log_level=runtime.log_level, shutdown=service.shutdown, reactor=reactor)
+    site = Site(admin.app.resource())
+    site.noisy = False
+    # Scrapes every few seconds would otherwise fill the log with access lines.
+    site.log = lambda request: None
+    service.add_listener(Listener("admin", serverFromString(reactor, config.admin), site, config.admin,
+                                  on_error=service.listen_failed), admin=True)
+    service.runtime = runtime
+    return service

@@ -1,0 +1,89 @@
+"""
+C{twist linkproxy}: the command-line options and the service maker.
+
+This is the only module that reads argv and the environment and that picks the reactor; everything else gets
+a frozen L{Config} and a reactor passed in.
+"""
+
+import os
+import sys
+
+from twisted.python import usage
+
+from linkproxy.config import OPTIONS, ConfigError, load_config
+
+
+class Options(usage.Options):
+    """
+    Options for C{twist linkproxy}. Each has an environment twin C{LINKPROXY_<NAME>} and a key in the YAML file
+    named by C{--config}; precedence is command line, then environment, then file, then default.
+    """
+
+    synopsis = "[options]"
+    longdesc = ("A service-mesh sidecar proxy: outbound on 127.0.0.1:4140, inbound on :4143, "
+                "admin on 127.0.0.1:4191. See docs/configuration.md.")
+    optParameters = [
+        [o.name.replace("_", "-"), None, None, f"{o.help} [default: {o.default_text}; env {o.env}]"]
+        for o in OPTIONS
+    ]
+
+    def cli_values(self):
+        """
+        @return: C{{option name: raw text or None}}, the mapping L{linkproxy.config.parse_config} takes.
+        """
+        return {o.name: self[o.name.replace("_", "-")] for o in OPTIONS}
+
+
+def check_plugins(config):
+    """
+    Problems with names that only the installed plugins can vouch for: the balancer and discovery backend.
+
+    @return: a list of problem texts, empty when all is well.
+    """
+    from linkproxy.balancers import find_balancer
+    from linkproxy.discovery import find_discovery
+    problems = []
+    try:
+        find_balancer(config.balancer)
+    except KeyError as e:
+        problems.append(f"balancer: {e.args[0]}")
+    try:
+        find_discovery(config.discovery)
+    except KeyError as e:
+        problems.append(f"discovery: {e.args[0]}")
+    if config.workers != 1:
+        problems.append(f"workers: only 1 worker process is supported in this version, got {config.workers}")
+    return problems
+
+
+def configure(cli, env):
+    """
+    Build the effective configuration from every source, or raise L{ConfigError} listing every problem.
+    """
+    problems = []
+    config = None
+    try:
+        config = load_config(cli, env)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    if config is not None:
+        problems.extend(check_plugins(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def makeService(options):
+    """
+    Build the proxy service. A bad configuration is reported in full and the process exits (status 78,
+    EX_CONFIG) before anything is bound.
+    """
+    try:
+        config = configure(options.cli_values(), os.environ)
+    except ConfigError as e:
+        sys.stderr.write(f"linkproxy: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(78)
+    from twisted.internet import reactor
+    from linkproxy.service import make_proxy_service
+    return make_proxy_service(config, reactor)

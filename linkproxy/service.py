@@ -6,9 +6,9 @@ C{POST /shutdown} share.
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from linkproxy.logs import gate, logger
 
-log = Logger(namespace="linkproxy.service")
+log = logger("linkproxy.service")
 
 
 class AcceptFactory(Factory):
@@ -226,4 +226,5 @@ def make_proxy_service(config, reactor):
     service.add_listener(Listener("admin", serverFromString(reactor, config.admin), site, config.admin,
                                   on_error=service.listen_failed), admin=True)
     service.runtime = runtime
+    gate.control = runtime.log_level
     return service

@@ -84,6 +84,26 @@ def makeService(options):
         sys.stderr.write(f"linkproxy: {e}\n")
         sys.stderr.flush()
         raise SystemExit(78)
+    _lower_twist_log_level(options, config.log_level)
     from twisted.internet import reactor
     from linkproxy.service import make_proxy_service
     return make_proxy_service(config, reactor)
+
+
+def _lower_twist_log_level(options, level_name):
+    """
+    C{twist} filters every event at its own C{--log-level} (default info) before linkproxy's level applies, so
+    asking linkproxy for debug would show nothing. Lower twist's filter to linkproxy's level when it is lower;
+    linkproxy's own events stay gated by the runtime level (see L{linkproxy.logs}).
+    """
+    from linkproxy.admin.loglevel import parse_level
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return
+    try:
+        current = parent["logLevel"]
+    except KeyError:
+        return
+    wanted = parse_level(level_name)
+    if wanted < current:
+        parent["logLevel"] = wanted

@@ -10,10 +10,10 @@ from typing import Callable, Optional
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from linkproxy.logs import logger
 from linkproxy.core.detect import DETECT_BUFFER, Detection, Protocol as Detected, detect
 
 __all__ = ["SniffingProtocol", "OnDetected"]
@@ -40,7 +40,7 @@ class SniffingProtocol(Protocol):
     @ivar detection: the L{Detection} once made, else L{None}.
     """
 
-    _log = Logger()
+    _log = logger("linkproxy.net.sniff")
 
     def __init__(self, on_detected: OnDetected, *, reactor: IReactorTime, timeout: Optional[float], metrics,
                  direction: str, max_bytes: int = DETECT_BUFFER, skip: bool = False):

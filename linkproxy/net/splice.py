@@ -10,10 +10,10 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from linkproxy.logs import logger
 from zope.interface import implementer
 
-log = Logger(namespace="linkproxy.net.splice")
+log = logger("linkproxy.net.splice")
 
 
 def set_nodelay(transport):

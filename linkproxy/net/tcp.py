@@ -4,12 +4,12 @@ Opaque TCP proxying: route once per connection, connect, splice.
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError
-from twisted.logger import Logger
+from linkproxy.logs import logger
 
 from linkproxy.core.errors import ProxyError
 from linkproxy.net.splice import AcceptedSplice, SpliceSide
 
-log = Logger(namespace="linkproxy.net.tcp")
+log = logger("linkproxy.net.tcp")
 
 
 def connect_error_label(failure):

@@ -1,0 +1,1 @@
+twist linkproxy: configuration from CLI, environment and YAML with every error reported at once; protocol detection (TLS ClientHello with SNI/ALPN, HTTP/2 preface, HTTP/1, opaque); opaque TCP forwarding with backpressure; Klein admin server with /live, /ready, /metrics, /env.json, /proxy-log-level and /shutdown; graceful drain on SIGTERM.

@@ -67,6 +67,7 @@ class IDiscoveryFactory(Interface):
     def build(argument, reactor, log):
         """
         @param argument: the text after C{NAME:} in the discovery spec, or C{""}.
+        @param log: a L{twisted.logger.Logger} for the backend's own events.
         @return: an L{IDiscovery}.
         """
 
@@ -93,7 +94,8 @@ class IBalancer(Interface):
 
     def start(endpoint, now):
         """
-        A request to C{endpoint} begins (pending + 1).
+        A request to C{endpoint} begins (pending + 1). Call it straight after L{pick}: for a probing endpoint
+        this is what claims the one probe.
         """
 
     def finish(endpoint, now, rtt, success):
@@ -106,7 +108,8 @@ class IBalancer(Interface):
 
     def snapshot(now):
         """
-        @return: a list of C{(endpoint, state, cost)} for metrics, with C{state} in C{"ready"}, C{"ejected"}.
+        @return: a list of C{(endpoint, state, cost)} for metrics, with C{state} one of C{"ready"},
+            C{"ejected"} or C{"probing"} (ejected, with its one probe request allowed).
         """
 
 

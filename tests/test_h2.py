@@ -1,0 +1,787 @@
+"""
+Tests for L{linkproxy.net.h2} and L{linkproxy.core.grpc}: an in-memory h2 client talks to L{H2ServerProtocol},
+whose pooled upstream connections reach in-memory h2 backends, all pumped with L{twisted.test.iosim}.
+"""
+
+from h2.config import H2Configuration
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated, DataReceived, RequestReceived, ResponseReceived, StreamEnded, StreamReset,
+    TrailersReceived, WindowUpdated,
+)
+from hyperframe.frame import GoAwayFrame
+from twisted.internet.defer import fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from linkproxy.admin.metrics import Metrics
+from linkproxy.core import grpc
+from linkproxy.core.errors import NoEndpoints, ResponseTimeout
+from linkproxy.net.context import HttpSettings, PeerInfo
+from linkproxy.net.h2 import H2Pool, H2ServerProtocol, _Connection
+from linkproxy.net.tracker import ConnectionTracker
+from linkproxy.testing import FakeRouter
+
+BACKEND = ("10.0.0.1", 8080)
+AUTHORITY = "web.default:80"
+PUMP_LIMIT = 500
+
+_TEST_CONFIG = dict(validate_inbound_headers=False, validate_outbound_headers=False,
+                    normalize_inbound_headers=False, normalize_outbound_headers=False, header_encoding=None)
+
+
+def _headers(pairs):
+    return [(n if isinstance(n, bytes) else n.encode(), v if isinstance(v, bytes) else v.encode())
+            for n, v in pairs]
+
+
+def _as_dict(headers):
+    return {bytes(n): bytes(v) for n, v in headers}
+
+
+class PeerStream:
+    """
+    What one side of a test connection saw on one stream.
+    """
+
+    def __init__(self):
+        self.headers = None
+        self.data = b""
+        self.trailers = None
+        self.ended = False
+        self.reset = None
+
+
+class H2Peer(Protocol):
+    """
+    A scripted h2 endpoint (client or server) that records what it sees per stream.
+
+    @ivar auto_ack: acknowledge received DATA at once (else the test calls L{ack}).
+    """
+
+    def __init__(self, client_side, auto_ack=True):
+        # GOAWAY-tolerant, like the proxy's own, so tests can watch streams finish after a GOAWAY.
+        self.conn = _Connection(H2Configuration(client_side=client_side, **_TEST_CONFIG))
+        self.streams = {}
+        self.goaways = []
+        self.auto_ack = auto_ack
+        self.unacked = {}
+        self.lost = False
+
+    def connectionMade(self):
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self):
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def stream(self, sid):
+        return self.streams.setdefault(sid, PeerStream())
+
+    def dataReceived(self, data):
+        for event in self.conn.receive_data(data):
+            self.handle(event)
+        self.flush()
+
+    def handle(self, event):
+        if isinstance(event, (RequestReceived, ResponseReceived)):
+            self.stream(event.stream_id).headers = _as_dict(event.headers)
+            self.on_headers(event.stream_id)
+        elif isinstance(event, DataReceived):
+            s = self.stream(event.stream_id)
+            s.data += event.data
+            if self.auto_ack:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            else:
+                self.unacked[event.stream_id] = self.unacked.get(event.stream_id, 0) + event.flow_controlled_length
+            self.on_data(event.stream_id)
+        elif isinstance(event, TrailersReceived):
+            self.stream(event.stream_id).trailers = _as_dict(event.headers)
+        elif isinstance(event, StreamEnded):
+            self.stream(event.stream_id).ended = True
+            self.on_end(event.stream_id)
+        elif isinstance(event, StreamReset):
+            self.stream(event.stream_id).reset = event.error_code
+        elif isinstance(event, ConnectionTerminated):
+            self.goaways.append(event)
+        elif isinstance(event, WindowUpdated):
+            self.on_window()
+
+    def ack(self):
+        """Acknowledge every DATA byte held back so far."""
+        for sid, n in self.unacked.items():
+            self.conn.acknowledge_received_data(n, sid)
+        self.unacked = {}
+        self.flush()
+
+    def on_headers(self, sid):
+        pass
+
+    def on_data(self, sid):
+        pass
+
+    def on_end(self, sid):
+        pass
+
+    def on_window(self):
+        pass
+
+    def connectionLost(self, reason=None):
+        self.lost = True
+
+
+class Client(H2Peer):
+    """
+    The downstream test client.
+    """
+
+    def __init__(self, auto_ack=True):
+        H2Peer.__init__(self, True, auto_ack)
+        self.pending = {}
+
+    def request(self, method=b"GET", path=b"/", authority=AUTHORITY, extra=(), body=None, end=True,
+                trailers=None):
+        """Open a stream; send C{body} (as far as the window allows, the rest on WINDOW_UPDATE)."""
+        sid = self.conn.get_next_available_stream_id()
+        headers = [(b":method", method), (b":scheme", b"http"), (b":path", path)]
+        if authority is not None:
+            headers.append((b":authority", authority.encode() if isinstance(authority, str) else authority))
+        headers += _headers(extra)
+        self.conn.send_headers(sid, headers, end_stream=end and body is None and trailers is None)
+        if body is not None or trailers is not None:
+            self.pending[sid] = [body or b"", end, trailers]
+            self.send_pending()
+        self.flush()
+        return sid
+
+    def send_pending(self):
+        for sid, entry in list(self.pending.items()):
+            body, end, trailers = entry
+            while body:
+                n = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size, len(body))
+                if n <= 0:
+                    break
+                self.conn.send_data(sid, body[:n])
+                body = body[n:]
+            entry[0] = body
+            if not body:
+                if trailers is not None:
+                    self.conn.send_headers(sid, _headers(trailers), end_stream=True)
+                elif end:
+                    self.conn.end_stream(sid)
+                del self.pending[sid]
+        self.flush()
+
+    def on_window(self):
+        self.send_pending()
+
+
+class Backend(H2Peer):
+    """
+    The upstream test server. C{mode} picks the behaviour:
+      - C{"respond"}: 200 with C{b"hello"} at the request's end;
+      - C{"echo"}: 200 at once, the request body echoed, trailers C{grpc-status: 0} at the end;
+      - C{"hold"}: nothing until the test acts.
+    """
+
+    def __init__(self, mode="respond", auto_ack=True):
+        H2Peer.__init__(self, False, auto_ack)
+        self.mode = mode
+
+    def on_headers(self, sid):
+        if self.mode == "echo":
+            self.conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+
+    def on_data(self, sid):
+        if self.mode == "echo":
+            s = self.streams[sid]
+            chunk, s.data = s.data, b""
+            s.echoed = getattr(s, "echoed", 0) + len(chunk)
+            self.conn.send_data(sid, chunk)
+
+    def on_end(self, sid):
+        if self.mode == "respond":
+            self.conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"5")])
+            self.conn.send_data(sid, b"hello", end_stream=True)
+        elif self.mode == "echo":
+            self.conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+
+
+class MemoryConnector:
+    """
+    A connector whose connections are in-memory pairs with new L{Backend}s.
+
+    @ivar backends: every backend connected, in order.
+    @ivar refuse: when set, connects fail with C{ConnectionRefusedError}.
+    """
+
+    def __init__(self, clock, mode="respond", auto_ack=True):
+        self.clock = clock
+        self.mode = mode
+        self.auto_ack = auto_ack
+        self.backends = []
+        self.pumps = []
+        self.refuse = False
+        self.calls = []
+
+    def connect(self, endpoint, protocol, session_protocol=None):
+        self.calls.append((endpoint.address, session_protocol))
+        if self.refuse:
+            return fail(ConnectionRefusedError("refused"))
+        backend = Backend(self.mode, self.auto_ack)
+        self.backends.append(backend)
+        pump = iosim.connect(backend, iosim.FakeTransport(backend, True), protocol,
+                             iosim.FakeTransport(protocol, False), greet=False, clock=self.clock)
+        self.pumps.append(pump)
+        return succeed(protocol)
+
+
+class Harness:
+    """
+    One proxy server connection with its test client, settings, router and connector.
+    """
+
+    def __init__(self, mode="respond", routes=None, default=BACKEND, peer=None, auto_ack=True,
+                 client_auto_ack=True, tracker=None):
+        self.clock = Clock()
+        self.metrics = Metrics(process=False)
+        self.router = FakeRouter(routes, default=default)
+        self.connector = MemoryConnector(self.clock, mode, auto_ack)
+        self.settings = HttpSettings(direction="outbound", router=self.router, connector=self.connector,
+                                     metrics=self.metrics, reactor=self.clock, response_timeout=10.0,
+                                     pool_idle_timeout=3.0, tracker=tracker)
+        self.settings.h2_pool = H2Pool(self.settings)
+        self.proxy = H2ServerProtocol(self.settings, peer or PeerInfo())
+        self.client = Client(client_auto_ack)
+        self.pump_ = iosim.connect(self.proxy, iosim.FakeTransport(self.proxy, True), self.client,
+                                   iosim.FakeTransport(self.client, False), greet=False, clock=self.clock)
+
+    @property
+    def pool(self):
+        return self.settings.h2_pool
+
+    def pump(self):
+        """Move bytes on every connection until nothing moves (bounded)."""
+        for _ in range(PUMP_LIMIT):
+            moved = False
+            for p in [self.pump_] + self.connector.pumps:
+                if p.pump():
+                    moved = True
+            if not moved:
+                return
+        raise AssertionError("pumping did not settle")
+
+    def backend_streams(self):
+        return {sid: s for b in self.connector.backends for sid, s in b.streams.items()}
+
+    def sample(self, name, **labels):
+        return self.metrics.registry.get_sample_value(name, labels)
+
+    def assert_clean(self, case):
+        """No stream state left anywhere in the proxy."""
+        case.assertEqual(self.proxy._streams, {})
+        case.assertEqual(self.proxy.waiting, set())
+        for conn in self.pool._all:
+            case.assertEqual(conn._streams, {})
+            case.assertEqual(conn.waiting, set())
+        case.assertEqual(self.pool._connecting, {})
+
+
+class GrpcRulesTests(SynchronousTestCase):
+    """
+    The sans-I/O gRPC helpers.
+    """
+
+    def test_is_grpc(self):
+        """
+        C{application/grpc} and its C{+proto} variants are gRPC; other content types are not.
+        """
+        self.assertTrue(grpc.is_grpc([(b"content-type", b"application/grpc")]))
+        self.assertTrue(grpc.is_grpc([(b"content-type", b"application/grpc+proto")]))
+        self.assertFalse(grpc.is_grpc([(b"content-type", b"application/json")]))
+        self.assertFalse(grpc.is_grpc([]))
+
+    def test_grpc_status(self):
+        """
+        The status is read from a header block as text, C{""} when absent.
+        """
+        self.assertEqual(grpc.grpc_status([(b"grpc-status", b"14")]), "14")
+        self.assertEqual(grpc.grpc_status([(b":status", b"200")]), "")
+
+    def test_trailers_only(self):
+        """
+        A proxy error becomes a trailers-only block with grpc-status, a percent-encoded message and
+        l5d-proxy-error.
+        """
+        headers = _as_dict(grpc.trailers_only(ResponseTimeout("took 100% too long")))
+        self.assertEqual(headers[b":status"], b"200")
+        self.assertEqual(headers[b"content-type"], b"application/grpc")
+        self.assertEqual(headers[b"grpc-status"], b"4")
+        self.assertEqual(headers[b"grpc-message"], b"took 100%25 too long")
+        self.assertEqual(headers[b"l5d-proxy-error"], b"took 100% too long")
+
+    def test_error_response_plain(self):
+        """
+        A plain error response has the status, a content length matching the body, and l5d-proxy-error.
+        """
+        headers, body = grpc.error_response(NoEndpoints("no endpoints\r\nx"), False)
+        headers = _as_dict(headers)
+        self.assertEqual(headers[b":status"], b"503")
+        self.assertEqual(int(headers[b"content-length"]), len(body))
+        self.assertEqual(headers[b"l5d-proxy-error"], b"no endpoints  x")
+
+
+class ProxyTests(SynchronousTestCase):
+    """
+    Requests through L{H2ServerProtocol} to in-memory backends.
+    """
+
+    def test_get(self):
+        """
+        A GET is routed by its authority, answered by the backend, counted, and its lease released as a success.
+        """
+        h = Harness()
+        h.pump()
+        sid = h.client.request()
+        h.pump()
+        s = h.client.streams[sid]
+        self.assertEqual(s.headers[b":status"], b"200")
+        self.assertEqual(s.data, b"hello")
+        self.assertTrue(s.ended)
+        self.assertEqual(h.router.authorities, [AUTHORITY])
+        self.assertEqual(h.router.leases[0].outcomes, [True])
+        self.assertEqual(h.connector.calls, [(BACKEND, "http2")])
+        labels = dict(direction="outbound", authority=AUTHORITY, target_addr="10.0.0.1:8080", tls="false",
+                      client_id="", server_id="")
+        self.assertEqual(h.sample("request_total", **labels), 1)
+        self.assertEqual(h.sample("response_total", classification="success", status_code="200", grpc_status="",
+                                  **labels), 1)
+        h.assert_clean(self)
+
+    def test_authority_normalized(self):
+        """
+        The authority is lower-cased and given the scheme's default port before routing.
+        """
+        h = Harness()
+        h.pump()
+        h.client.request(authority="Web.Default")
+        h.pump()
+        self.assertEqual(h.router.authorities, ["web.default:80"])
+
+    def test_request_headers(self):
+        """
+        Hop-by-hop headers are stripped except C{te: trailers}, and C{l5d-client-id} becomes the verified one.
+        """
+        h = Harness(peer=PeerInfo(tls="true", client_id="a.ns.serviceaccount.identity.x"))
+        h.pump()
+        h.client.request(extra=[("te", "trailers"), ("keep-alive", "1"), ("connection", "x-hop"), ("x-hop", "1"),
+                                ("l5d-client-id", "forged"), ("x-app", "yes")])
+        h.pump()
+        (seen,) = h.backend_streams().values()
+        self.assertEqual(seen.headers[b"te"], b"trailers")
+        self.assertEqual(seen.headers[b"l5d-client-id"], b"a.ns.serviceaccount.identity.x")
+        self.assertEqual(seen.headers[b"x-app"], b"yes")
+        for name in (b"keep-alive", b"connection", b"x-hop"):
+            self.assertNotIn(name, seen.headers)
+
+    def test_multiplexed_on_one_connection(self):
+        """
+        Many concurrent streams share one upstream connection.
+        """
+        h = Harness()
+        h.pump()
+        sids = [h.client.request(path=b"/%d" % i) for i in range(30)]
+        h.pump()
+        self.assertEqual(len(h.connector.backends), 1)
+        self.assertEqual(len(h.connector.backends[0].streams), 30)
+        for sid in sids:
+            self.assertEqual(h.client.streams[sid].data, b"hello")
+        # A later request reuses the same connection.
+        h.client.request()
+        h.pump()
+        self.assertEqual(len(h.connector.backends), 1)
+        h.assert_clean(self)
+
+    def test_new_connection_at_stream_limit(self):
+        """
+        When the endpoint's concurrent-stream limit is reached, another connection is opened.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        h.client.request()
+        h.pump()
+        backend = h.connector.backends[0]
+        backend.conn.update_settings({0x3: 2})
+        backend.flush()
+        h.pump()
+        for _ in range(3):
+            h.client.request()
+        h.pump()
+        self.assertEqual(len(h.connector.backends), 2)
+        self.assertEqual([len(b.streams) for b in h.connector.backends], [2, 2])
+
+    def test_trailers_both_ways(self):
+        """
+        Request and response trailers are forwarded, and the response's grpc-status is counted.
+        """
+        h = Harness(mode="echo")
+        h.pump()
+        sid = h.client.request(method=b"POST", extra=[("content-type", "application/grpc"), ("te", "trailers")],
+                               body=b"\x00\x00\x00\x00\x02hi", trailers=[("x-req-trailer", "1")])
+        h.pump()
+        s = h.client.streams[sid]
+        self.assertEqual(s.data, b"\x00\x00\x00\x00\x02hi")
+        self.assertEqual(s.trailers, {b"grpc-status": b"0"})
+        self.assertTrue(s.ended)
+        (seen,) = h.backend_streams().values()
+        self.assertEqual(seen.trailers, {b"x-req-trailer": b"1"})
+        self.assertEqual(h.sample("response_total", direction="outbound", authority=AUTHORITY,
+                                  target_addr="10.0.0.1:8080", tls="false", client_id="", server_id="",
+                                  classification="success", status_code="200", grpc_status="0"), 1)
+        h.assert_clean(self)
+
+    def test_client_reset_propagates(self):
+        """
+        A client RST_STREAM resets the upstream stream with the same code and leaves nothing behind.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        sid = h.client.request(method=b"POST", body=b"x", end=False)
+        h.pump()
+        h.client.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        h.client.flush()
+        h.pump()
+        (seen,) = h.backend_streams().values()
+        self.assertEqual(seen.reset, ErrorCodes.CANCEL)
+        self.assertEqual(h.router.leases[0].outcomes, [False])
+        h.assert_clean(self)
+        self.assertEqual(h.clock.getDelayedCalls()[0].func.__name__, "_idle_check")
+        self.assertEqual(len(h.clock.getDelayedCalls()), 1)
+
+    def test_upstream_reset_after_head(self):
+        """
+        An upstream RST_STREAM after the response head resets the client stream with the same code.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        sid = h.client.request()
+        h.pump()
+        backend = h.connector.backends[0]
+        (bsid,) = backend.streams
+        backend.conn.send_headers(bsid, [(b":status", b"200")])
+        backend.conn.send_data(bsid, b"part")
+        backend.conn.reset_stream(bsid, ErrorCodes.INTERNAL_ERROR)
+        backend.flush()
+        h.pump()
+        s = h.client.streams[sid]
+        self.assertEqual(s.headers[b":status"], b"200")
+        self.assertEqual(s.reset, ErrorCodes.INTERNAL_ERROR)
+        h.assert_clean(self)
+
+    def test_upstream_reset_before_head(self):
+        """
+        An upstream RST_STREAM before the response head is a 502 with l5d-proxy-error.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        sid = h.client.request()
+        h.pump()
+        backend = h.connector.backends[0]
+        (bsid,) = backend.streams
+        backend.conn.reset_stream(bsid, ErrorCodes.INTERNAL_ERROR)
+        backend.flush()
+        h.pump()
+        s = h.client.streams[sid]
+        self.assertEqual(s.headers[b":status"], b"502")
+        self.assertIn(b"l5d-proxy-error", s.headers)
+        self.assertTrue(s.ended)
+        self.assertEqual(h.router.leases[0].outcomes, [False])
+        h.assert_clean(self)
+
+    def test_refused_stream_retried(self):
+        """
+        REFUSED_STREAM before anything of the request was lost is retried once.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        sid = h.client.request()
+        h.pump()
+        backend = h.connector.backends[0]
+        backend.conn.reset_stream(1, ErrorCodes.REFUSED_STREAM)
+        backend.flush()
+        backend.mode = "respond"
+        h.pump()
+        self.assertEqual(sorted(backend.streams), [1, 3])
+        self.assertEqual(h.client.streams[sid].data, b"hello")
+        self.assertEqual(h.router.leases[0].outcomes, [True])
+
+    def test_upstream_goaway(self):
+        """
+        After an upstream GOAWAY, streams up to its last stream id finish on the old connection, later ones are
+        retried on a new connection, and new requests go to the new connection.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        first = h.client.request()
+        second = h.client.request()
+        h.pump()
+        old = h.connector.backends[0]
+        self.assertEqual(sorted(old.streams), [1, 3])
+        # h2 keeps no streams going after its own close_connection(), so the frame is written by hand.
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = 1
+        old.transport.write(old.conn.data_to_send() + frame.serialize())
+        h.pump()
+        self.assertEqual(len(h.connector.backends), 2)
+        new = h.connector.backends[1]
+        self.assertEqual(sorted(new.streams), [1])
+        # The first stream still completes on the old connection.
+        old.conn.send_headers(1, [(b":status", b"200")])
+        old.conn.send_data(1, b"old", end_stream=True)
+        old.flush()
+        new.mode = "respond"
+        new.on_end(1)
+        new.flush()
+        h.pump()
+        self.assertEqual(h.client.streams[first].data, b"old")
+        self.assertEqual(h.client.streams[second].data, b"hello")
+        third = h.client.request()
+        h.pump()
+        self.assertEqual(h.client.streams[third].data, b"hello")
+        self.assertEqual(len(h.connector.backends), 2)
+        h.assert_clean(self)
+
+    def test_drain(self):
+        """
+        drain() sends GOAWAY naming the highest stream, lets it finish, refuses newer ones and then closes.
+        """
+        tracker = ConnectionTracker()
+        h = Harness(mode="hold", tracker=tracker)
+        h.pump()
+        self.assertEqual(len(tracker), 1)
+        sid = h.client.request()
+        h.pump()
+        tracker.drain()
+        h.pump()
+        self.assertEqual(h.client.goaways[0].last_stream_id, sid)
+        late = h.client.request()
+        h.pump()
+        self.assertEqual(h.client.streams[late].reset, ErrorCodes.REFUSED_STREAM)
+        self.assertFalse(h.client.lost)
+        backend = h.connector.backends[0]
+        backend.mode = "respond"
+        backend.on_end(1)
+        backend.flush()
+        h.pump()
+        self.assertEqual(h.client.streams[sid].data, b"hello")
+        self.assertTrue(h.client.lost)
+        self.assertEqual(len(tracker), 0)
+
+    def test_no_endpoints_503(self):
+        """
+        A router with no endpoints gives 503 with l5d-proxy-error and a short body.
+        """
+        h = Harness(default=None)
+        h.pump()
+        sid = h.client.request()
+        h.pump()
+        s = h.client.streams[sid]
+        self.assertEqual(s.headers[b":status"], b"503")
+        self.assertEqual(s.headers[b"l5d-proxy-error"], b"no endpoints for " + AUTHORITY.encode())
+        self.assertEqual(s.data, b"no endpoints for " + AUTHORITY.encode() + b"\n")
+        self.assertEqual(h.sample("response_total", direction="outbound", authority=AUTHORITY, target_addr="",
+                                  tls="false", client_id="", server_id="", classification="failure",
+                                  status_code="503", grpc_status=""), 1)
+        h.assert_clean(self)
+
+    def test_no_endpoints_grpc(self):
+        """
+        For gRPC the 503 is a trailers-only response with grpc-status 14.
+        """
+        h = Harness(default=None)
+        h.pump()
+        sid = h.client.request(method=b"POST", extra=[("content-type", "application/grpc")], body=b"\0\0\0\0\0",
+                               end=False)
+        h.pump()
+        s = h.client.streams[sid]
+        self.assertEqual(s.headers[b":status"], b"200")
+        self.assertEqual(s.headers[b"grpc-status"], b"14")
+        self.assertIn(b"l5d-proxy-error", s.headers)
+        self.assertTrue(s.ended)
+        self.assertEqual(s.data, b"")
+        # The rest of the request is not wanted: RST_STREAM(NO_ERROR) after the complete response.
+        self.assertEqual(s.reset, ErrorCodes.NO_ERROR)
+        h.assert_clean(self)
+
+    def test_connect_failure_502(self):
+        """
+        A failed connect gives 502 (and grpc-status 14 for gRPC), releasing the lease as a failure.
+        """
+        h = Harness()
+        h.connector.refuse = True
+        h.pump()
+        plain = h.client.request()
+        rpc = h.client.request(method=b"POST", extra=[("content-type", "application/grpc")])
+        h.pump()
+        self.assertEqual(h.client.streams[plain].headers[b":status"], b"502")
+        self.assertIn(b"l5d-proxy-error", h.client.streams[plain].headers)
+        self.assertEqual(h.client.streams[rpc].headers[b"grpc-status"], b"14")
+        self.assertEqual([lease.outcomes for lease in h.router.leases], [[False], [False]])
+        h.assert_clean(self)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_response_timeout_504(self):
+        """
+        No response head within the response timeout gives 504 (grpc-status 4 for gRPC) and resets upstream.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        plain = h.client.request()
+        rpc = h.client.request(method=b"POST", extra=[("content-type", "application/grpc")])
+        h.pump()
+        h.clock.advance(10)
+        h.pump()
+        self.assertEqual(h.client.streams[plain].headers[b":status"], b"504")
+        self.assertEqual(h.client.streams[rpc].headers[b"grpc-status"], b"4")
+        self.assertEqual([s.reset for s in h.backend_streams().values()], [ErrorCodes.CANCEL] * 2)
+        self.assertEqual([lease.outcomes for lease in h.router.leases], [[False], [False]])
+        h.assert_clean(self)
+
+    def test_headers_too_large(self):
+        """
+        A header block over max_header_bytes gets 431 on that stream; the connection keeps working.
+        """
+        h = Harness()
+        h.pump()
+        big = h.client.request(extra=[("x-big", "a" * 70000)])
+        h.pump()
+        self.assertEqual(h.client.streams[big].headers[b":status"], b"431")
+        ok = h.client.request()
+        h.pump()
+        self.assertEqual(h.client.streams[ok].data, b"hello")
+
+    def test_bad_authority(self):
+        """
+        A request without a usable authority gets 400 and is not routed.
+        """
+        h = Harness()
+        h.pump()
+        sid = h.client.request(authority=None)
+        h.pump()
+        self.assertEqual(h.client.streams[sid].headers[b":status"], b"400")
+        self.assertEqual(h.router.authorities, [])
+
+    def test_large_body_flow_control(self):
+        """
+        A body larger than the 65535-byte window arrives intact, and the client's window is acknowledged only as
+        far as the backend has accepted bytes: a backend that stops reading stalls the client.
+        """
+        h = Harness(mode="respond", auto_ack=False)
+        h.pump()
+        body = bytes(range(256)) * 1000
+        sid = h.client.request(method=b"POST", body=body)
+        h.pump()
+        (bsid,) = h.connector.backends[0].streams
+        received = len(h.backend_streams()[bsid].data)
+        self.assertEqual(received, 65535)
+        # The proxy queued at most one more window, and did not acknowledge it to the client.
+        sent = len(body) - len(h.client.pending[sid][0])
+        self.assertLessEqual(sent - received, 65535)
+        self.assertEqual(h.client.conn.local_flow_control_window(sid), 0)
+        for _ in range(20):
+            h.connector.backends[0].ack()
+            h.pump()
+        self.assertEqual(h.backend_streams()[bsid].data, body)
+        self.assertEqual(h.client.streams[sid].data, b"hello")
+        h.assert_clean(self)
+
+    def test_slow_client_backpressure(self):
+        """
+        While the client's transport is full (pauseProducing), response data waits; it flows on resume.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        sid = h.client.request()
+        h.pump()
+        backend = h.connector.backends[0]
+        backend.conn.send_headers(1, [(b":status", b"200")])
+        backend.flush()
+        h.pump()
+        h.proxy.pauseProducing()
+        backend.conn.send_data(1, b"x" * 1000, end_stream=True)
+        backend.flush()
+        h.pump()
+        self.assertEqual(h.client.streams[sid].data, b"")
+        self.assertEqual(len(h.proxy.waiting), 1)
+        h.proxy.resumeProducing()
+        h.pump()
+        self.assertEqual(h.client.streams[sid].data, b"x" * 1000)
+        self.assertTrue(h.client.streams[sid].ended)
+        h.assert_clean(self)
+
+    def test_client_gone_cleans_up(self):
+        """
+        When the client connection is lost, every upstream stream is reset (CANCEL), no timers or entries stay
+        behind, and the idle upstream connection closes after the pool idle timeout.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        for _ in range(5):
+            h.client.request(method=b"POST", body=b"data", end=False)
+        h.pump()
+        h.client.transport.loseConnection()
+        h.pump()
+        self.assertEqual([s.reset for s in h.backend_streams().values()], [ErrorCodes.CANCEL] * 5)
+        self.assertEqual([lease.outcomes for lease in h.router.leases], [[False]] * 5)
+        h.assert_clean(self)
+        self.assertEqual([c.func.__name__ for c in h.clock.getDelayedCalls()], ["_idle_check"])
+        h.clock.advance(3)
+        h.pump()
+        self.assertTrue(h.connector.backends[0].lost)
+        self.assertEqual(h.pool.connection_count(), 0)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_upstream_lost(self):
+        """
+        Losing the upstream connection answers 502 to streams without a response head and resets the others.
+        """
+        h = Harness(mode="hold")
+        h.pump()
+        headed = h.client.request()
+        waiting = h.client.request()
+        h.pump()
+        backend = h.connector.backends[0]
+        backend.conn.send_headers(1, [(b":status", b"200")])
+        backend.flush()
+        h.pump()
+        backend.transport.loseConnection()
+        h.pump()
+        self.assertIsNotNone(h.client.streams[headed].reset)
+        self.assertEqual(h.client.streams[waiting].headers[b":status"], b"502")
+        h.assert_clean(self)
+        self.assertEqual(h.pool.connection_count(), 0)
+
+    def test_idle_connection_closed(self):
+        """
+        A pooled connection without streams for pool_idle_timeout is closed; the next request opens another.
+        """
+        h = Harness()
+        h.pump()
+        h.client.request()
+        h.pump()
+        h.clock.advance(2)
+        h.client.request()
+        h.pump()
+        h.clock.advance(2)
+        self.assertFalse(h.connector.backends[0].lost)
+        h.clock.advance(1.5)
+        h.pump()
+        self.assertTrue(h.connector.backends[0].lost)
+        h.client.request()
+        h.pump()
+        self.assertEqual(len(h.connector.backends), 2)

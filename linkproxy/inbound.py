@@ -3,7 +3,8 @@ The inbound path, assembled top to bottom: accept → detect → (HTTP or opaque
 """
 
 from linkproxy.core.endpoint import Endpoint
-from linkproxy.net.context import PLAIN, HttpSettings
+from linkproxy.net.context import PLAIN
+from linkproxy.net.l7 import http_layer
 from linkproxy.net.sniff import SniffingProtocol
 from linkproxy.net.tcp import opaque_proxy
 from linkproxy.routing import FixedRouter
@@ -45,11 +46,7 @@ def build_inbound(runtime):
     config, metrics, reactor = runtime.config, runtime.metrics, runtime.reactor
     app = Endpoint(address=app_address(config.app))
     router = FixedRouter(app)
-    settings = HttpSettings(
-        direction=DIRECTION, router=router, connector=runtime.connector, metrics=metrics, reactor=reactor,
-        response_timeout=config.response_timeout, max_header_bytes=config.max_header_bytes,
-        pool_idle_timeout=config.pool_idle_timeout, pool_max_idle=config.pool_max_idle, tracker=runtime.tracker)
-    http = _http_servers(settings)
+    settings, http = http_layer(runtime, DIRECTION, router)
     src_metrics = metrics.tcp(DIRECTION, "src", "false", app.addr_str)
     skip = app.address[1] in config.opaque_ports
 
@@ -65,11 +62,3 @@ def build_inbound(runtime):
 
     return accept
 
-
-def _http_servers(settings):
-    """
-    The HTTP server protocol for each detected HTTP version, with the client pools they share.
-
-    Until the L7 layer lands, HTTP is forwarded as opaque bytes.
-    """
-    return {}

@@ -10,7 +10,8 @@ import socket
 import struct
 
 from linkproxy.core.endpoint import format_address
-from linkproxy.net.context import PLAIN, HttpSettings
+from linkproxy.net.context import PLAIN
+from linkproxy.net.l7 import http_layer
 from linkproxy.net.sniff import SniffingProtocol
 from linkproxy.net.tcp import opaque_proxy
 
@@ -49,11 +50,7 @@ def build_outbound(runtime, router):
     @return: a callable taking the peer address and returning the protocol for the accepted connection.
     """
     config, metrics, reactor = runtime.config, runtime.metrics, runtime.reactor
-    settings = HttpSettings(
-        direction=DIRECTION, router=router, connector=runtime.connector, metrics=metrics, reactor=reactor,
-        response_timeout=config.response_timeout, max_header_bytes=config.max_header_bytes,
-        pool_idle_timeout=config.pool_idle_timeout, pool_max_idle=config.pool_max_idle, tracker=runtime.tracker)
-    http = _http_servers(settings)
+    settings, http = http_layer(runtime, DIRECTION, router)
 
     def on_detected(detection, transport):
         server = http.get(detection.protocol)
@@ -88,11 +85,3 @@ def build_tcp_route(runtime, router, target):
 
     return accept
 
-
-def _http_servers(settings):
-    """
-    The HTTP server protocol for each detected HTTP version, with the client pools they share.
-
-    Until the L7 layer lands, HTTP on the main outbound listener has no target and is refused.
-    """
-    return {}

@@ -1,0 +1,27 @@
+"""
+The HTTP layer one direction's listener hands detected HTTP connections to.
+"""
+
+from linkproxy.core.detect import Protocol
+from linkproxy.net.context import HttpSettings
+
+
+def http_layer(runtime, direction, router):
+    """
+    Build the settings, client pools and server protocols for one direction's HTTP traffic.
+
+    @param runtime: the L{linkproxy.runtime.Runtime}.
+    @param direction: C{"inbound"} or C{"outbound"}.
+    @param router: the direction's L{linkproxy.interfaces.IRouter}.
+    @return: C{(settings, servers)} where C{servers} maps a detected L{Protocol} to a server protocol class
+        called as C{server(settings, peer)}.
+    """
+    from linkproxy.net.h2 import H2Pool, H2ServerProtocol
+    config = runtime.config
+    settings = HttpSettings(
+        direction=direction, router=router, connector=runtime.connector, metrics=runtime.metrics,
+        reactor=runtime.reactor, response_timeout=config.response_timeout,
+        max_header_bytes=config.max_header_bytes, pool_idle_timeout=config.pool_idle_timeout,
+        pool_max_idle=config.pool_max_idle, tracker=runtime.tracker)
+    settings.h2_pool = H2Pool(settings)
+    return settings, {Protocol.H2: H2ServerProtocol}

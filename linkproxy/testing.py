@@ -7,7 +7,7 @@ from zope.interface import implementer
 
 from linkproxy.core.endpoint import Endpoint
 from linkproxy.core.errors import NoEndpoints
-from linkproxy.interfaces import ILease, IRouter
+from linkproxy.interfaces import IDiscovery, ILease, IResolution, IRouter
 
 
 @implementer(ILease)
@@ -53,3 +53,90 @@ class FakeRouter:
         lease = RecordingLease(Endpoint(address=address))
         self.leases.append(lease)
         return succeed(lease)
+
+
+def _as_endpoints(endpoints):
+    return tuple(e if isinstance(e, Endpoint) else Endpoint(address=tuple(e)) for e in endpoints)
+
+
+@implementer(IResolution)
+class _FakeResolution:
+    def __init__(self, discovery, target, receiver):
+        self._discovery = discovery
+        self.target = target
+        self.receiver = receiver
+
+    def cancel(self):
+        receivers = self._discovery.receivers.get(self.target, [])
+        if self.receiver in receivers:
+            receivers.remove(self.receiver)
+            if not receivers:
+                del self._discovery.receivers[self.target]
+            self._discovery.cancelled.append(self.target)
+
+
+@implementer(IDiscovery)
+class FakeDiscovery:
+    """
+    An L{IDiscovery} whose updates the test pushes.
+
+    A target with a set in L{sets} is answered synchronously on L{resolve}; any other target waits for
+    L{push}.
+
+    @ivar sets: C{{target: endpoints}} answered on resolve, and kept current by L{push}.
+    @ivar receivers: C{{target: [receiver, ...]}} of live resolutions.
+    @ivar resolved: every target resolved, in order (one entry per L{resolve} call).
+    @ivar cancelled: every target whose resolution was cancelled, in order.
+    """
+
+    backend = "fake"
+
+    def __init__(self, sets=None):
+        """
+        @param sets: C{{target: [Endpoint or (host, port), ...]}} answered at once.
+        """
+        self.sets = {target: _as_endpoints(endpoints) for target, endpoints in (sets or {}).items()}
+        self.receivers = {}
+        self.resolved = []
+        self.cancelled = []
+
+    def resolve(self, target, receiver):
+        """
+        Record the resolution; answer at once when C{target} has a set in L{sets}.
+        """
+        self.resolved.append(target)
+        self.receivers.setdefault(target, []).append(receiver)
+        if target in self.sets:
+            receiver.reset(self.sets[target])
+        return _FakeResolution(self, target, receiver)
+
+    def push(self, target, endpoints):
+        """
+        Replace C{target}'s set and deliver it (C{reset}) to every live resolution of it.
+
+        @param endpoints: L{Endpoint}s or C{(host, port)} pairs.
+        """
+        self.sets[target] = endpoints = _as_endpoints(endpoints)
+        for receiver in list(self.receivers.get(target, ())):
+            receiver.reset(endpoints)
+
+    def add(self, target, endpoints):
+        """
+        Deliver an C{add} of C{endpoints} to every live resolution of C{target}.
+        """
+        endpoints = _as_endpoints(endpoints)
+        for receiver in list(self.receivers.get(target, ())):
+            receiver.add(endpoints)
+
+    def remove(self, target, addresses):
+        """
+        Deliver a C{remove} of C{addresses} to every live resolution of C{target}.
+        """
+        for receiver in list(self.receivers.get(target, ())):
+            receiver.remove(list(addresses))
+
+    def watching(self, target):
+        """
+        C{True} while some resolution of C{target} is live.
+        """
+        return bool(self.receivers.get(target))

@@ -11,6 +11,7 @@ is added in one place.
 """
 
 import difflib
+import ipaddress
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -117,7 +118,7 @@ class Config:
     h2_upgrade: bool = False
     max_header_bytes: int = 65536
     pool_idle_timeout: float = 3.0
-    pool_max_idle: int = 16
+    pool_max_idle: int = 256
     workers: int = 1
     dst_override: bool = False
     config_file: Optional[str] = None
@@ -394,8 +395,17 @@ def _address(text: str) -> Address:
 
 
 def _discovery(value: Any) -> Tuple[str, Tuple[StaticEndpoint, ...]]:
-    expected = "'dns', 'file:PATH', 'static:NAME=ADDR,...' or a plugin name"
+    expected = "'dns', 'dns:SERVER_IP[:PORT]', 'file:PATH', 'static:NAME=ADDR,...' or a plugin name"
     spec = _text(value, expected)
+    if spec.startswith("dns:"):
+        server = spec[len("dns:"):]
+        try:
+            host, _ = parse_host_port(server, 53)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"expected 'dns:SERVER_IP[:PORT]' naming a DNS server by IP address, "
+                             f"got {_show(value)}") from None
+        return spec, ()
     if spec.startswith("file:"):
         if not spec[len("file:"):].strip():
             raise ValueError(f"expected a path after 'file:', got {_show(value)}")

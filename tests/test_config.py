@@ -64,7 +64,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertFalse(config.h2_upgrade)
         self.assertEqual(config.max_header_bytes, 65536)
         self.assertEqual(config.pool_idle_timeout, 3.0)
-        self.assertEqual(config.pool_max_idle, 16)
+        self.assertEqual(config.pool_max_idle, 256)
         self.assertEqual(config.workers, 1)
         self.assertFalse(config.dst_override)
         self.assertIsNone(config.config_file)

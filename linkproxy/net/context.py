@@ -34,7 +34,7 @@ class HttpSettings:
     response_timeout: float = 10.0
     max_header_bytes: int = 65536
     pool_idle_timeout: float = 3.0
-    pool_max_idle: int = 16
+    pool_max_idle: int = 256
     tracker: Optional[Any] = None
     h1_pool: Optional[Any] = None
     h2_pool: Optional[Any] = None

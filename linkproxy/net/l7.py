@@ -17,11 +17,13 @@ def http_layer(runtime, direction, router):
         called as C{server(settings, peer)}.
     """
     from linkproxy.net.h2 import H2Pool, H2ServerProtocol
+    from linkproxy.net.http1 import Http1Pool, Http1ServerProtocol
     config = runtime.config
     settings = HttpSettings(
         direction=direction, router=router, connector=runtime.connector, metrics=runtime.metrics,
         reactor=runtime.reactor, response_timeout=config.response_timeout,
         max_header_bytes=config.max_header_bytes, pool_idle_timeout=config.pool_idle_timeout,
         pool_max_idle=config.pool_max_idle, tracker=runtime.tracker)
+    settings.h1_pool = Http1Pool(settings)
     settings.h2_pool = H2Pool(settings)
-    return settings, {Protocol.H2: H2ServerProtocol}
+    return settings, {Protocol.HTTP1: Http1ServerProtocol, Protocol.H2: H2ServerProtocol}

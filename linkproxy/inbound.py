@@ -2,9 +2,14 @@
 The inbound path, assembled top to bottom: accept → detect → (HTTP or opaque) → the local app.
 """
 
+from dataclasses import replace
+
+from linkproxy.core.detect import Protocol
 from linkproxy.core.endpoint import Endpoint
+from linkproxy.core.policy import requires_client_cert
 from linkproxy.net.context import PLAIN
 from linkproxy.net.l7 import http_layer
+from linkproxy.net.mesh import AuthorizingRouter, MeshServer, authz_metrics
 from linkproxy.net.sniff import SniffingProtocol
 from linkproxy.net.tcp import opaque_proxy
 from linkproxy.routing import FixedRouter
@@ -40,21 +45,55 @@ def build_inbound(runtime):
     """
     Assemble the inbound listener's per-connection pipeline.
 
+    Plaintext (and TLS for another SNI) is detected and forwarded to the app. TLS whose SNI is this proxy's
+    identity is terminated; the transport header then names the local port and the session protocol, and
+    the client's verified identity is what authorization and C{l5d-client-id} use.
+
     @param runtime: the L{linkproxy.runtime.Runtime}.
     @return: a callable taking the peer address and returning the protocol for the accepted connection.
     """
     config, metrics, reactor = runtime.config, runtime.metrics, runtime.reactor
     app = Endpoint(address=app_address(config.app))
-    router = FixedRouter(app)
-    settings, http = http_layer(runtime, DIRECTION, router)
-    src_metrics = metrics.tcp(DIRECTION, "src", "false", app.addr_str)
-    skip = app.address[1] in config.opaque_ports
+    app_router = FixedRouter(app)
+    settings, http = http_layer(runtime, DIRECTION, app_router)
+    authz = authz_metrics(metrics)
+    local_ports = _LocalPorts(app, app_router)
+    mesh = None
+    if runtime.identity is not None:
+        mesh = MeshServer(runtime.identity, metrics=metrics, reactor=reactor,
+                          require_client_cert=requires_client_cert(config.policy),
+                          header_timeout=config.detect_timeout)
+
+    def serve(peer, protocol, endpoint, router):
+        if protocol in http:
+            decision = authz.decide("http", config.policy, config.policy_allow, peer, endpoint.addr_str)
+            if decision.allowed and router is app_router and peer is PLAIN:
+                # The common unmeshed case: no per-connection settings, allows counted per connection.
+                decision.count()
+                return http[protocol](settings, peer)
+            return http[protocol](replace(settings, router=AuthorizingRouter(router, decision)), peer)
+        decision = authz.decide("tcp", config.policy, config.policy_allow, peer, endpoint.addr_str)
+        decision.count()
+        if not decision.allowed:
+            return None
+        return opaque_proxy(runtime, router, endpoint.addr_str, DIRECTION,
+                            metrics.tcp(DIRECTION, "src", peer.tls, endpoint.addr_str))
+
+    def on_meshed(peer, header):
+        endpoint, router = local_ports.get(header.port if header is not None else 0)
+        if header is None:
+            # mTLS without a transport header: the client did not say, so sniff the plaintext.
+            return SniffingProtocol(lambda detection, _: serve(peer, detection.protocol, endpoint, router),
+                                    reactor=reactor, timeout=config.detect_timeout, metrics=metrics,
+                                    direction=DIRECTION)
+        return serve(peer, _SESSION.get(header.session_protocol, Protocol.OPAQUE), endpoint, router)
 
     def on_detected(detection, transport):
-        server = http.get(detection.protocol)
-        if server is not None:
-            return server(settings, PLAIN)
-        return opaque_proxy(runtime, router, app.addr_str, DIRECTION, src_metrics)
+        if mesh is not None and mesh.accepts(detection):
+            return mesh.protocol(on_meshed)
+        return serve(PLAIN, detection.protocol, app, app_router)
+
+    skip = app.address[1] in config.opaque_ports
 
     def accept(addr):
         return SniffingProtocol(on_detected, reactor=reactor, timeout=config.detect_timeout, metrics=metrics,
@@ -62,3 +101,29 @@ def build_inbound(runtime):
 
     return accept
 
+
+_SESSION = {"http1": Protocol.HTTP1, "http2": Protocol.H2}
+
+
+class _LocalPorts:
+    """
+    The local endpoint (and its router) for each target port a transport header names; port 0 means the
+    configured app. Bounded, since the port comes from the peer.
+    """
+
+    limit = 1024
+
+    def __init__(self, app, app_router):
+        self._app = (app, app_router)
+        self._ports = {app.address[1]: self._app}
+
+    def get(self, port):
+        if not port:
+            return self._app
+        found = self._ports.get(port)
+        if found is None:
+            endpoint = Endpoint(address=(self._app[0].address[0], port))
+            found = (endpoint, FixedRouter(endpoint))
+            if len(self._ports) < self.limit:
+                self._ports[port] = found
+        return found

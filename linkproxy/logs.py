@@ -1,38 +1,15 @@
 """
-Loggers for linkproxy's own modules, gated by the runtime log level (C{--log-level}, C{PUT /proxy-log-level}).
+Loggers for linkproxy's own modules.
 
-C{twist} owns the global log observers and their level filter; linkproxy cannot insert a filter there. So
-linkproxy's loggers publish through L{gate}, which drops events below the runtime level before they reach the
-global publisher. Until a service installs a L{LogLevelControl}, everything passes (tests, library use).
+The level that filters them (and every other event in a C{twist linkproxy} process) is installed by
+L{linkproxy.tap}: C{--log-level} at start, C{PUT /proxy-log-level} at run time.
 """
 
-from twisted.logger import Logger, PredicateResult, globalLogPublisher
-from zope.interface import implementer
-from twisted.logger import ILogObserver
-
-
-@implementer(ILogObserver)
-class _Gate:
-    """
-    The observer every linkproxy logger publishes to.
-
-    @ivar control: the L{linkproxy.admin.loglevel.LogLevelControl} in force, or C{None}.
-    """
-
-    control = None
-
-    def __call__(self, event):
-        control = self.control
-        if control is not None and control.predicate(event) == PredicateResult.no:
-            return
-        globalLogPublisher(event)
-
-
-gate = _Gate()
+from twisted.logger import Logger
 
 
 def logger(namespace):
     """
-    A L{Logger} for a linkproxy module, subject to the runtime log level.
+    A L{Logger} for a linkproxy module.
     """
-    return Logger(namespace=namespace, observer=gate)
+    return Logger(namespace=namespace)

@@ -15,6 +15,7 @@ class Runtime:
     @ivar tracker: the L{linkproxy.net.tracker.ConnectionTracker} a drain walks.
     @ivar connector: the L{linkproxy.net.connect.Connector} every upstream connection goes through.
     @ivar log_level: the L{linkproxy.admin.loglevel.LogLevelControl}.
+    @ivar identity: the L{linkproxy.identity.store.IdentityStore}, or C{None} when identity is off.
     """
 
     reactor: Any
@@ -23,3 +24,4 @@ class Runtime:
     tracker: Any
     connector: Any
     log_level: Any = None
+    identity: Any = None

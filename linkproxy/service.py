@@ -4,9 +4,9 @@ C{POST /shutdown} share.
 """
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.protocol import Factory
-from linkproxy.logs import gate, logger
+from linkproxy.logs import logger
 
 log = logger("linkproxy.service")
 
@@ -178,13 +178,15 @@ class ProxyService(MultiService):
             yield maybeDeferred(self._admin.stopService)
 
 
-def make_proxy_service(config, reactor):
+def make_proxy_service(config, reactor, log_level=None):
     """
     Wire one proxy process from its configuration: metrics, listeners, routers, admin server.
 
     Nothing is bound until the service starts.
 
     @param config: a L{linkproxy.config.Config}.
+    @param log_level: the L{linkproxy.admin.loglevel.LogLevelControl} the process's log output follows, which
+        C{PUT /proxy-log-level} changes; a new one (filtering nothing yet) when C{None}.
     @return: a L{ProxyService}.
     """
     from twisted.internet.endpoints import serverFromString
@@ -197,15 +199,20 @@ def make_proxy_service(config, reactor):
     from linkproxy.net.connect import Connector
     from linkproxy.net.tracker import ConnectionTracker
     from linkproxy.outbound import build_outbound, build_tcp_route
-    from linkproxy.routing import ResolvingRouter
+    from linkproxy.routing import BalancedRouter, RouterService
     from linkproxy.runtime import Runtime
 
     tracker = ConnectionTracker()
-    runtime = Runtime(reactor=reactor, config=config, metrics=Metrics(), tracker=tracker,
-                      connector=Connector(reactor, config.connect_timeout),
-                      log_level=LogLevelControl(config.log_level))
+    metrics = Metrics()
     service = ProxyService(reactor=reactor, tracker=tracker, grace_period=config.shutdown_grace_period)
-    outbound_router = ResolvingRouter(reactor)
+    identity, meshed = None, None
+    if config.identity_dir is not None:
+        identity, meshed = _start_identity(config, reactor, metrics, service)
+    runtime = Runtime(reactor=reactor, config=config, metrics=metrics, tracker=tracker,
+                      connector=Connector(reactor, config.connect_timeout, meshed=meshed),
+                      log_level=log_level or LogLevelControl(config.log_level), identity=identity)
+    outbound_router = BalancedRouter.from_config(config, reactor, metrics)
+    RouterService(outbound_router).setServiceParent(service)
 
     def listener(name, description, accept):
         return Listener(name, serverFromString(reactor, description), AcceptFactory(accept), description,
@@ -226,5 +233,34 @@ def make_proxy_service(config, reactor):
     service.add_listener(Listener("admin", serverFromString(reactor, config.admin), site, config.admin,
                                   on_error=service.listen_failed), admin=True)
     service.runtime = runtime
-    gate.control = runtime.log_level
     return service
+
+
+class _IdentityService(Service):
+    """
+    Stops the identity store's timers with the process.
+    """
+
+    def __init__(self, store):
+        self._store = store
+
+    def stopService(self):
+        Service.stopService(self)
+        self._store.stop()
+
+
+def _start_identity(config, reactor, metrics, service):
+    """
+    Load (or self-issue) this proxy's identity before anything binds, so a broken identity directory is a
+    startup error rather than a proxy that refuses every meshed connection.
+
+    @raise linkproxy.identity.ca.IdentityError: with a one-line reason.
+    @return: C{(store, meshed connect function)}.
+    """
+    from linkproxy.identity.store import IdentityStore
+    from linkproxy.net.mesh import MeshConnector
+    store = IdentityStore(config.identity_dir, config.identity_name, reactor=reactor, metrics=metrics)
+    store.start()
+    _IdentityService(store).setServiceParent(service)
+    service.add_readiness_check(lambda: None if store.ready else f"identity {config.identity_name} not loaded")
+    return store, MeshConnector(store, reactor, config.connect_timeout, metrics=metrics).connect

@@ -84,26 +84,35 @@ def makeService(options):
         sys.stderr.write(f"linkproxy: {e}\n")
         sys.stderr.flush()
         raise SystemExit(78)
-    _lower_twist_log_level(options, config.log_level)
+    log_level = _install_log_level(options, config.log_level)
     from twisted.internet import reactor
+    from linkproxy.identity.ca import IdentityError
     from linkproxy.service import make_proxy_service
-    return make_proxy_service(config, reactor)
-
-
-def _lower_twist_log_level(options, level_name):
-    """
-    C{twist} filters every event at its own C{--log-level} (default info) before linkproxy's level applies, so
-    asking linkproxy for debug would show nothing. Lower twist's filter to linkproxy's level when it is lower;
-    linkproxy's own events stay gated by the runtime level (see L{linkproxy.logs}).
-    """
-    from linkproxy.admin.loglevel import parse_level
-    parent = getattr(options, "parent", None)
-    if parent is None:
-        return
     try:
-        current = parent["logLevel"]
-    except KeyError:
-        return
-    wanted = parse_level(level_name)
-    if wanted < current:
-        parent["logLevel"] = wanted
+        return make_proxy_service(config, reactor, log_level)
+    except IdentityError as e:
+        sys.stderr.write(f"linkproxy: identity: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(78)
+
+
+def _install_log_level(options, level_name):
+    """
+    Make C{--log-level} (and later C{PUT /proxy-log-level}) the level of the whole process.
+
+    C{twist} filters events at its own C{--log-level} before anything else sees them, and builds its log
+    observer only after this service exists. So its filter is opened fully and the observer its factory makes
+    is wrapped in linkproxy's run-time level filter. linkproxy's level therefore replaces twist's own
+    C{--log-level}.
+
+    @return: the L{linkproxy.admin.loglevel.LogLevelControl}.
+    """
+    from twisted.logger import LogLevel
+    from linkproxy.admin.loglevel import LogLevelControl
+    control = LogLevelControl(level_name, everything=True)
+    parent = getattr(options, "parent", None)
+    factory = parent.get("fileLogObserverFactory") if parent is not None else None
+    if factory is not None:
+        parent["logLevel"] = LogLevel.debug
+        parent["fileLogObserverFactory"] = lambda log_file: control.observer(factory(log_file))
+    return control

@@ -432,7 +432,7 @@ class OutboundToInboundTests(MeshHelpers, TestCase):
         def opaque(peer, header):
             target = Endpoint(address=("127.0.0.1", header.port))
             return opaque_proxy(runtime, FixedRouter(target), target.addr_str, "inbound",
-                                self.metrics.tcp("inbound", "src", peer.tls, target.addr_str), tls=peer.tls)
+                                self.metrics.tcp("inbound", "src", peer.tls, target.addr_str))
 
         domain = self.trust_domain()
         port = yield self.listen(self.store(domain, WEB), hand_to=opaque)

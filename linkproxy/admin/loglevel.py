@@ -52,19 +52,23 @@ def parse_level(name):
 
 class LogLevelControl:
     """
-    The current minimum level for linkproxy's own log events, changeable at run time.
+    The current minimum log level, changeable at run time.
 
     @ivar level: the current L{LogLevel}.
-    @ivar predicate: an L{ILogFilterPredicate} that drops C{linkproxy} events below L{level} as it is when
-        each event arrives; give it to any L{FilteringLogObserver}, or use L{observer}.
+    @ivar everything: C{True} to filter every event by L{level} (the process-wide level C{twist linkproxy}
+        installs); C{False} to filter only C{linkproxy} events and pass others untouched.
+    @ivar predicate: an L{ILogFilterPredicate} that drops events below L{level} as it is when each event
+        arrives; give it to any L{FilteringLogObserver}, or use L{observer}.
     """
 
-    def __init__(self, initial="info"):
+    def __init__(self, initial="info", everything=False):
         """
         @param initial: the starting level name, as accepted by L{set}.
+        @param everything: see L{everything}.
         @raise ValueError: if C{initial} names no level.
         """
         self.level = parse_level(initial)
+        self.everything = everything
         self.predicate = _NamespaceLevelPredicate(self)
 
     @property
@@ -108,7 +112,7 @@ class _NamespaceLevelPredicate:
 
     def __call__(self, event):
         namespace = event.get("log_namespace") or ""
-        if namespace != NAMESPACE and not namespace.startswith(NAMESPACE + "."):
+        if not self._control.everything and namespace != NAMESPACE and not namespace.startswith(NAMESPACE + "."):
             return PredicateResult.maybe
         level = event.get("log_level")
         if level is not None and level < self._control.level:

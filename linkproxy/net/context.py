@@ -56,3 +56,22 @@ class PeerInfo:
 
 
 PLAIN = PeerInfo()
+
+
+def route_metrics(settings, peer, authority, endpoint):
+    """
+    The bound HTTP metrics for one (authority, endpoint) on one connection.
+
+    Outbound, the TLS labels describe the hop to the endpoint (C{tls="true"} and its identity as
+    C{server_id} when it is reached over mTLS); inbound, they describe the client (C{client_id} when meshed).
+
+    @param endpoint: the chosen L{linkproxy.core.endpoint.Endpoint}, or C{None} when none was chosen.
+    @return: a L{linkproxy.admin.metrics.HttpRouteMetrics}.
+    """
+    target_addr = endpoint.addr_str if endpoint is not None else ""
+    if settings.direction == "outbound":
+        meshed = endpoint is not None and endpoint.meshed and getattr(settings.connector, "meshed", None)
+        tls, client_id, server_id = ("true", "", endpoint.identity) if meshed else ("false", "", "")
+    else:
+        tls, client_id, server_id = peer.tls, peer.client_id or "", peer.server_id or ""
+    return settings.metrics.http_route(settings.direction, authority, target_addr, tls, client_id, server_id)

@@ -40,7 +40,7 @@ from zope.interface import implementer
 from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable
 from linkproxy.core.grpc import error_response, grpc_status
 from linkproxy.core.headers import CLIENT_ID, HOP_BY_HOP, connection_tokens, normalize_authority
-from linkproxy.net.context import PLAIN
+from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import set_nodelay
 
 log = Logger(namespace="linkproxy.net.h2")
@@ -397,7 +397,7 @@ class _Stream:
     def _routed(self, lease):
         self.lease = lease
         server = self.server
-        self.route = server._route(self.authority, lease.endpoint.addr_str)
+        self.route = server._route(self.authority, lease.endpoint)
         self.route.requests.inc()
         if self.done:
             self._release(False)
@@ -406,7 +406,7 @@ class _Stream:
         server._flusher.flush()
 
     def _route_failed(self, failure):
-        self.route = self.server._route(self.authority, "")
+        self.route = self.server._route(self.authority, None)
         self.route.requests.inc()
         if self.done:
             return
@@ -846,7 +846,7 @@ class H2ServerProtocol(Protocol):
             stream.req.ended = True
             stream.req.tail = True
         if size > self.settings.max_header_bytes:
-            stream.route = self._route("", "")
+            stream.route = self._route("", None)
             stream.route.requests.inc()
             stream.fail(HeadersTooLarge(f"request headers exceed {self.settings.max_header_bytes} bytes"))
             return
@@ -859,7 +859,7 @@ class H2ServerProtocol(Protocol):
                 if target is None:
                     problem = "invalid :authority"
         if problem is not None:
-            stream.route = self._route("", "")
+            stream.route = self._route("", None)
             stream.route.requests.inc()
             stream.fail(BadRequest(problem))
             return
@@ -927,14 +927,11 @@ class H2ServerProtocol(Protocol):
             self._flusher.closing.append(self)
             self._flusher.flush()
 
-    def _route(self, authority, target_addr):
-        key = (authority, target_addr)
+    def _route(self, authority, endpoint):
+        key = (authority, endpoint.address if endpoint is not None else None)
         route = self._routes.get(key)
         if route is None:
-            peer = self.peer
-            route = self._routes[key] = self.settings.metrics.http_route(
-                self.settings.direction, authority, target_addr, peer.tls, peer.client_id or "",
-                peer.server_id or "")
+            route = self._routes[key] = route_metrics(self.settings, self.peer, authority, endpoint)
         return route
 
 

@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from linkproxy.core import http1 as h1
 from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable
-from linkproxy.net.context import PLAIN
+from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import set_nodelay
 
 log = Logger(namespace="linkproxy.net.http1")
@@ -494,7 +494,7 @@ class Http1ServerProtocol(Protocol):
         key = (self._authority, endpoint.address)
         rm = self._routes.get(key)
         if rm is None:
-            rm = self._route_for(self._authority, endpoint.addr_str, key)
+            rm = self._route_for(self._authority, endpoint, key)
         self._route_metrics = rm
         rm.requests.inc()
         conn = self._pool.checkout(endpoint, self._t0)
@@ -504,12 +504,10 @@ class Http1ServerProtocol(Protocol):
             self._connect(endpoint)
         self._flush_all()
 
-    def _route_for(self, authority, target_addr, key):
+    def _route_for(self, authority, endpoint, key):
         if len(self._routes) >= _MAX_ROUTE_CACHE:
             self._routes.clear()
-        peer = self.peer
-        rm = self._routes[key] = self.settings.metrics.http_route(
-            self.settings.direction, authority, target_addr, peer.tls, peer.client_id or "", peer.server_id or "")
+        rm = self._routes[key] = route_metrics(self.settings, self.peer, authority, endpoint)
         return rm
 
     def _route_failed(self, failure):
@@ -797,7 +795,7 @@ class Http1ServerProtocol(Protocol):
             key = (authority, None)
             rm = self._routes.get(key)
             if rm is None:
-                rm = self._route_for(authority, "", key)
+                rm = self._route_for(authority, None, key)
             rm.requests.inc()
         rm.response(status, "", latency_ms)
 

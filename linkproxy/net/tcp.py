@@ -24,10 +24,16 @@ def connect_error_label(failure):
         return "dns"
     if failure.check(ProxyError):
         return "no_endpoints"
+    from linkproxy.net.tls import PeerIdentityMismatch
+    if failure.check(PeerIdentityMismatch):
+        return "identity_mismatch"
+    from OpenSSL.SSL import Error as TLSError
+    if failure.check(TLSError):
+        return "tls"
     return "other"
 
 
-def opaque_proxy(runtime, router, authority, direction, src_metrics, tls="false"):
+def opaque_proxy(runtime, router, authority, direction, src_metrics):
     """
     Build the accepted-side protocol for one opaque connection to C{authority}.
 
@@ -43,7 +49,8 @@ def opaque_proxy(runtime, router, authority, direction, src_metrics, tls="false"
     def connect():
         def routed(lease):
             endpoint = lease.endpoint
-            upstream = SpliceSide(metrics.tcp(direction, "dst", tls, endpoint.addr_str))
+            dst_tls = "true" if endpoint.meshed and runtime.connector.meshed is not None else "false"
+            upstream = SpliceSide(metrics.tcp(direction, "dst", dst_tls, endpoint.addr_str))
 
             def connected(_):
                 lease.release(True)

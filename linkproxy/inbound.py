@@ -9,7 +9,7 @@ from linkproxy.core.endpoint import Endpoint
 from linkproxy.core.policy import requires_client_cert
 from linkproxy.net.context import PLAIN
 from linkproxy.net.l7 import http_layer
-from linkproxy.net.mesh import AuthorizingRouter, MeshServer, authz_metrics
+from linkproxy.net.authz import AuthorizingRouter, authz_metrics
 from linkproxy.net.sniff import SniffingProtocol
 from linkproxy.net.tcp import opaque_proxy
 from linkproxy.routing import FixedRouter
@@ -60,6 +60,7 @@ def build_inbound(runtime):
     local_ports = _LocalPorts(app, app_router)
     mesh = None
     if runtime.identity is not None:
+        from linkproxy.net.mesh import MeshServer
         mesh = MeshServer(runtime.identity, metrics=metrics, reactor=reactor,
                           require_client_cert=requires_client_cert(config.policy),
                           header_timeout=config.detect_timeout)

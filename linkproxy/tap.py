@@ -27,11 +27,53 @@ class Options(usage.Options):
         for o in OPTIONS
     ]
 
+    def postOptions(self):
+        # Runs before twist installs the reactor: the last moment to keep TLS libraries out of the process.
+        cli = self.cli_values()
+        if not tls_requested(cli, os.environ):
+            leave_out_tls()
+
     def cli_values(self):
         """
         @return: C{{option name: raw text or None}}, the mapping L{linkproxy.config.parse_config} takes.
         """
         return {o.name: self[o.name.replace("_", "-")] for o in OPTIONS}
+
+
+def tls_requested(cli, env):
+    """
+    Whether this configuration can need TLS: identity is configured, or some endpoint description is C{ssl:}.
+
+    A cheap look at the raw sources, before the full parse: any doubt (an unreadable file) answers C{True}.
+    """
+    from linkproxy.config import CONFIG_ENV, ConfigError, read_config_file
+    if cli.get("identity_dir") or env.get("LINKPROXY_IDENTITY_DIR"):
+        return True
+    texts = [v for v in cli.values() if isinstance(v, str)]
+    texts += [v for k, v in env.items() if k.startswith("LINKPROXY_")]
+    path = cli.get("config") or env.get(CONFIG_ENV)
+    if path:
+        try:
+            document = read_config_file(path)
+        except ConfigError:
+            return True
+        if any(str(key).replace("-", "_") == "identity_dir" for key in document):
+            return True
+        texts.append(repr(document))
+    return any("ssl:" in text for text in texts)
+
+
+def leave_out_tls():
+    """
+    Keep pyOpenSSL (and the cryptography bindings it pulls in) out of a process that will never speak TLS.
+
+    Twisted imports pyOpenSSL with the reactor whenever it is installed, which costs about 12 MiB of the
+    idle RSS; Twisted treats it as optional and works without it. A process without identity terminates no
+    TLS and originates none (TLS from apps is passed through as opaque bytes), so it is marked absent.
+    """
+    import sys
+    if "OpenSSL" not in sys.modules:
+        sys.modules["OpenSSL"] = None
 
 
 def check_plugins(config):
@@ -86,8 +128,10 @@ def makeService(options):
         raise SystemExit(78)
     log_level = _install_log_level(options, config.log_level)
     from twisted.internet import reactor
-    from linkproxy.identity.ca import IdentityError
     from linkproxy.service import make_proxy_service
+    if config.identity_dir is None:
+        return make_proxy_service(config, reactor, log_level)
+    from linkproxy.identity.ca import IdentityError
     try:
         return make_proxy_service(config, reactor, log_level)
     except IdentityError as e:

@@ -30,13 +30,8 @@ from linkproxy.identity.store import IdentityStore
 from linkproxy.interfaces import IRouter
 from linkproxy.net.connect import Connector
 from linkproxy.net.context import PLAIN, PeerInfo
-from linkproxy.net.mesh import (
-    AuthorizingRouter,
-    MeshConnector,
-    MeshServer,
-    authz_metrics,
-    tls_error_label,
-)
+from linkproxy.net.authz import AuthorizingRouter, authz_metrics
+from linkproxy.net.mesh import MeshConnector, MeshServer, tls_error_label
 from linkproxy.net.sniff import SniffingProtocol
 from linkproxy.net.tls import IdentityNotReady, PeerIdentityMismatch, client_connection_creator
 from linkproxy.net.tcp import opaque_proxy
@@ -924,9 +919,9 @@ class AuthzTests(SynchronousTestCase):
         """
         Past the bound, new client identities fold into C{overflow}.
         """
-        from linkproxy.net import mesh
-        self.patch(mesh, "MAX_AUTHZ_CLIENT_IDS", 2)
-        authz = mesh.AuthzMetrics(Metrics(process=False).registry)
+        from linkproxy.net import authz as authz_module
+        self.patch(authz_module, "MAX_AUTHZ_CLIENT_IDS", 2)
+        authz = authz_module.AuthzMetrics(Metrics(process=False).registry)
         for i in range(4):
             peer = PeerInfo(tls="true", client_id=f"c{i}.ns.serviceaccount.identity.linkproxy.local")
             authz.decide("tcp", "authenticated", (), peer, "t:1").count()

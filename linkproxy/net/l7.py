@@ -13,10 +13,9 @@ def http_layer(runtime, direction, router):
     @param runtime: the L{linkproxy.runtime.Runtime}.
     @param direction: C{"inbound"} or C{"outbound"}.
     @param router: the direction's L{linkproxy.interfaces.IRouter}.
-    @return: C{(settings, servers)} where C{servers} maps a detected L{Protocol} to a server protocol class
-        called as C{server(settings, peer)}.
+    @return: C{(settings, servers)} where C{servers} maps a detected L{Protocol} to a callable building the
+        server protocol as C{server(settings, peer)}.
     """
-    from linkproxy.net.h2 import H2Pool, H2ServerProtocol
     from linkproxy.net.http1 import Http1Pool, Http1ServerProtocol
     config = runtime.config
     settings = HttpSettings(
@@ -25,5 +24,14 @@ def http_layer(runtime, direction, router):
         max_header_bytes=config.max_header_bytes, pool_idle_timeout=config.pool_idle_timeout,
         pool_max_idle=config.pool_max_idle, tracker=runtime.tracker)
     settings.h1_pool = Http1Pool(settings)
-    settings.h2_pool = H2Pool(settings)
-    return settings, {Protocol.HTTP1: Http1ServerProtocol, Protocol.H2: H2ServerProtocol}
+
+    def h2_server(conn_settings, peer):
+        # h2 is imported with the first HTTP/2 client: a sidecar that never sees one keeps ~1.5 MiB.
+        from linkproxy.net.h2 import H2Pool, H2ServerProtocol
+        if settings.h2_pool is None:
+            settings.h2_pool = H2Pool(settings)
+        # Per-connection copies of the settings (inbound authorization) share the direction's pool.
+        conn_settings.h2_pool = settings.h2_pool
+        return H2ServerProtocol(conn_settings, peer)
+
+    return settings, {Protocol.HTTP1: Http1ServerProtocol, Protocol.H2: h2_server}

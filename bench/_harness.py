@@ -73,6 +73,22 @@ def which(name):
     return shutil.which(name, path=_SBIN_PATH)
 
 
+_compiled = False
+
+
+def ensure_bytecode():
+    """
+    Byte-compile the proxy and its libraries, as any normal install does.
+
+    Environments that set PYTHONDONTWRITEBYTECODE (this one does) never cache bytecode, so every start
+    compiles every module from source, which leaves ~10 MiB of compiler garbage in the RSS we measure.
+    """
+    import compileall
+    import sysconfig
+    for path in (sysconfig.get_paths()["purelib"], str(REPO / "linkproxy"), str(REPO / "twisted")):
+        compileall.compile_dir(path, quiet=1, workers=2)
+
+
 def ensure_tools(names=("haproxy", "nginx", "wrk", "h2load")):
     """
     Make sure every binary in C{names} is installed; install the missing ones' Debian packages.
@@ -460,6 +476,10 @@ backend be
         Waits for GET /ready on the admin port to answer 200 and for every data port to accept; raises
         L{LinkproxyStartError} with the log tail otherwise.  Returns a L{Linkproxy} with its ports and idle RSS.
         """
+        global _compiled
+        if not _compiled:
+            ensure_bytecode()
+            _compiled = True
         if not VENV_TWIST.exists():
             raise LinkproxyStartError(f"{VENV_TWIST} not found: create the venv in {REPO}/.venv first")
         lp = Linkproxy(out_port=free_port(), in_port=free_port(), admin_port=free_port(),

@@ -32,6 +32,7 @@ class Options(usage.Options):
         cli = self.cli_values()
         if not tls_requested(cli, os.environ):
             leave_out_tls()
+        leave_out_admin_h2()
 
     def cli_values(self):
         """
@@ -74,6 +75,19 @@ def leave_out_tls():
     import sys
     if "OpenSSL" not in sys.modules:
         sys.modules["OpenSSL"] = None
+
+
+def leave_out_admin_h2():
+    """
+    Keep twisted.web's HTTP/2 server out of the admin server.
+
+    twisted.web imports its HTTP/2 support (and so h2) whenever h2 is installed, which would load h2 at start
+    in every proxy; the admin server has no use for HTTP/2, and the data path loads h2 itself with the first
+    HTTP/2 client. Twisted treats the module as optional.
+    """
+    import sys
+    if "twisted.web.http" not in sys.modules:
+        sys.modules.setdefault("twisted.web._http2", None)
 
 
 def check_plugins(config):

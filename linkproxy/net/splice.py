@@ -28,6 +28,41 @@ def set_nodelay(transport):
             pass
 
 
+def direct_writer(transport):
+    """
+    A C{write} for C{transport} that sends at once when nothing is queued, instead of on the next reactor turn.
+
+    Twisted's C{write} always queues and asks the reactor to watch for writability, which costs two epoll
+    changes and a loop iteration per chunk; measured here that is a large share of a splice's CPU. When the
+    queue is empty the bytes go straight to the socket, and only what the kernel did not take is queued with
+    the ordinary C{write} (so ordering, backpressure and close handling stay Twisted's). Transports that are
+    not plain TCP connections (TLS, test transports) get their own C{write}.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is None or not hasattr(transport, "_tempDataLen") or not hasattr(transport, "dataBuffer"):
+        return transport.write
+    write = transport.write
+    send = sock.send
+
+    def direct_write(data):
+        if (transport._tempDataLen or len(transport.dataBuffer) != transport.offset
+                or not transport.connected or transport.disconnecting or transport._writeDisconnected):
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            # Let Twisted's own write path meet the error and close the connection the usual way.
+            write(data)
+            return
+        if sent < len(data):
+            write(data[sent:])
+
+    return direct_write
+
+
 @implementer(IHalfCloseableProtocol)
 class SpliceSide(Protocol):
     """
@@ -51,13 +86,14 @@ class SpliceSide(Protocol):
 
     def connectionMade(self):
         set_nodelay(self.transport)
+        self.write = direct_writer(self.transport)
         self.metrics.opened()
 
     def dataReceived(self, data):
         self._read_bytes.inc(len(data))
         peer = self.peer
         peer._write_bytes.inc(len(data))
-        peer.transport.write(data)
+        peer.write(data)
 
     def readConnectionLost(self):
         # The peer learns of our EOF as a FIN after its pending bytes; the other direction keeps flowing.
@@ -146,7 +182,7 @@ class AcceptedSplice(SpliceSide):
         if held:
             self._read_bytes.inc(len(held))
             upstream._write_bytes.inc(len(held))
-            upstream.transport.write(held)
+            upstream.write(held)
         if self._eof_held:
             SpliceSide.readConnectionLost(self)
         else:

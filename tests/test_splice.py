@@ -2,6 +2,8 @@
 Tests for L{linkproxy.net.splice}: the opaque TCP splice, in memory and over real loopback sockets.
 """
 
+import socket
+
 from twisted.internet import defer, protocol, reactor as global_reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
@@ -11,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from linkproxy.admin.metrics import Metrics
 from linkproxy.net.connect import connect_protocol
-from linkproxy.net.splice import AcceptedSplice, SpliceSide
+from linkproxy.net.splice import AcceptedSplice, SpliceSide, direct_writer
 from linkproxy.net.tracker import ConnectionTracker
 
 
@@ -277,3 +279,59 @@ def _sleep(seconds):
     d = defer.Deferred()
     global_reactor.callLater(seconds, d.callback, None)
     return d
+
+
+class DirectWriterTests(SynchronousTestCase):
+    """
+    L{direct_writer} sends at once on plain TCP connections and never bypasses a wrapping transport.
+    """
+
+    def connection(self):
+        from twisted.internet.tcp import Connection
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.settimeout(2)
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        conn = Connection(ours, protocol.Protocol(), reactor=global_reactor)
+        conn.connected = 1
+        return conn, theirs
+
+    def test_sends_immediately_when_nothing_is_queued(self):
+        """
+        With an empty queue the bytes reach the peer socket without any reactor turn.
+        """
+        conn, theirs = self.connection()
+        direct_writer(conn)(b"now")
+        self.assertEqual(theirs.recv(10), b"now")
+        self.assertEqual(conn._tempDataLen, 0)
+
+    def test_queues_behind_pending_bytes(self):
+        """
+        When bytes are already queued, new bytes are queued behind them, so order is kept.
+        """
+        conn, theirs = self.connection()
+        conn._tempDataBuffer.append(b"first")
+        conn._tempDataLen = 5
+        self.patch(conn, "startWriting", lambda: None)
+        direct_writer(conn)(b"second")
+        self.assertEqual(b"".join(conn._tempDataBuffer), b"firstsecond")
+
+    def test_wrapper_is_never_bypassed(self):
+        """
+        A wrapping transport (as TLS is) that forwards attributes to a TCP connection gets its own write:
+        writing to the socket beneath it would skip the wrapper.
+        """
+        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+        conn, _ = self.connection()
+        wrapper = ProtocolWrapper(WrappingFactory(protocol.Factory()), protocol.Protocol())
+        wrapper.makeConnection(conn)
+        self.assertIs(wrapper.socket, conn.socket)
+        self.assertEqual(direct_writer(wrapper), wrapper.write)
+
+    def test_test_transports_use_their_write(self):
+        """
+        Transports that are not TCP connections keep their own write.
+        """
+        t = StringTransport()
+        self.assertEqual(direct_writer(t), t.write)

@@ -6,10 +6,13 @@ fast writer's socket instead of growing a buffer: memory per connection stays at
 The accepted side is paused until the upstream connects, so nothing is read that cannot be forwarded.
 """
 
+import socket
+
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.tcp import Connection
 from linkproxy.logs import logger
 from zope.interface import implementer
 
@@ -38,11 +41,12 @@ def direct_writer(transport):
     the ordinary C{write} (so ordering, backpressure and close handling stay Twisted's). Transports that are
     not plain TCP connections (TLS, test transports) get their own C{write}.
     """
-    sock = getattr(transport, "socket", None)
-    if sock is None or not hasattr(transport, "_tempDataLen") or not hasattr(transport, "dataBuffer"):
+    # An exact type test: wrappers such as the TLS transport forward unknown attributes to the TCP transport
+    # beneath them, and sending to that socket would bypass the wrapper (plaintext past TLS).
+    if not isinstance(transport, Connection) or not isinstance(transport.__dict__.get("socket"), socket.socket):
         return transport.write
     write = transport.write
-    send = sock.send
+    send = transport.socket.send
 
     def direct_write(data):
         if (transport._tempDataLen or len(transport.dataBuffer) != transport.offset

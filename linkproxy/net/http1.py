@@ -40,7 +40,7 @@ from zope.interface import implementer
 from linkproxy.core import http1 as h1
 from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable
 from linkproxy.net.context import PLAIN, route_metrics
-from linkproxy.net.splice import set_nodelay
+from linkproxy.net.splice import direct_writer, set_nodelay
 
 log = Logger(namespace="linkproxy.net.http1")
 
@@ -171,6 +171,7 @@ class Http1ServerProtocol(Protocol):
         Set TCP_NODELAY and register as the transport's streaming producer.
         """
         set_nodelay(self.transport)
+        self._write = direct_writer(self.transport)
         self.transport.registerProducer(self, True)
         tracker = self.settings.tracker
         if tracker is not None:
@@ -263,10 +264,7 @@ class Http1ServerProtocol(Protocol):
     def _flush_all(self):
         out = self._out
         if out and not self._disconnected:
-            if len(out) == 1:
-                self.transport.write(out[0])
-            else:
-                self.transport.writeSequence(out)
+            self._write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         up = self._up
         if up is not None and up.out:
@@ -282,7 +280,7 @@ class Http1ServerProtocol(Protocol):
         """
         splice = self._splice
         if splice is not None:
-            splice.transport.write(data)
+            splice._write(data)
             return
         if self._p_dead:
             return
@@ -704,7 +702,7 @@ class Http1ServerProtocol(Protocol):
         self._held_bytes = 0
         self._resume_reading(_R_HOLD)
         if raw:
-            conn.transport.writeSequence(raw)
+            conn._write(b"".join(raw))
 
     def peer_closed(self):
         """
@@ -907,6 +905,7 @@ class Http1ClientProtocol(Protocol):
         Set TCP_NODELAY and register as the transport's streaming producer.
         """
         set_nodelay(self.transport)
+        self._write = direct_writer(self.transport)
         self.transport.registerProducer(self, True)
         self._parser = HttpResponseParser(self)
 
@@ -951,10 +950,7 @@ class Http1ClientProtocol(Protocol):
         """
         out = self.out
         if out:
-            if len(out) == 1:
-                self.transport.write(out[0])
-            else:
-                self.transport.writeSequence(out)
+            self._write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
     def close(self):
@@ -1040,7 +1036,7 @@ class Http1ClientProtocol(Protocol):
         """
         splice = self._splice
         if splice is not None:
-            splice.transport.write(data)
+            splice._write(data)
             return
         server = self._server
         if server is None:

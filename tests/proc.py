@@ -120,6 +120,15 @@ class Proxy:
                     total = (total or 0) + sample.value
         return total
 
+    def samples(self, name, **labels):
+        """
+        The label sets of every non-zero sample of C{name} whose labels include C{labels}.
+        """
+        from prometheus_client.parser import text_string_to_metric_families
+        return [sample.labels for family in text_string_to_metric_families(self.metrics())
+                for sample in family.samples
+                if sample.name == name and sample.value and all(sample.labels.get(k) == v for k, v in labels.items())]
+
     def stop(self, sig=signal.SIGTERM, timeout=15.0):
         """
         Stop the process (SIGTERM drains), waiting for it; killed if it will not go.
@@ -215,3 +224,143 @@ def recv_exactly(sock, n, timeout=5.0):
         chunks.append(chunk)
         have += len(chunk)
     return b"".join(chunks)
+
+
+def write_atomically(path, text):
+    """
+    Replace the file at C{path} with C{text} the way config tooling does: write a temporary file beside it,
+    then rename it over the old one, so a reader never sees a half-written file.
+    """
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+class HttpBackend:
+    """
+    A keep-alive HTTP/1.1 backend on 127.0.0.1: answers every request with 200 and its C{name} as the body,
+    after C{delay} seconds, and counts the responses it sent in full.
+
+    Requests are read by their head and C{content-length} (no chunked request bodies).
+
+    @ivar port: the port it listens on.
+    @ivar requests: responses sent so far.
+    """
+
+    def __init__(self, testcase, name, delay=0.0):
+        self.name = name
+        self.delay = delay
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._conns = set()
+        self._killed = False
+        self._server = TcpServer(testcase, self._handle)
+        self.port = self._server.port
+        testcase.addCleanup(self.kill)
+
+    @property
+    def address(self):
+        """C{"127.0.0.1:PORT"}."""
+        return f"127.0.0.1:{self.port}"
+
+    def _handle(self, conn):
+        with self._lock:
+            if self._killed:
+                return
+            self._conns.add(conn)
+        try:
+            body = self.name.encode()
+            response = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s" % (
+                len(body), body)
+            buffered = b""
+            while not self._killed:
+                while b"\r\n\r\n" not in buffered:
+                    if len(buffered) > 65536:
+                        return
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffered += data
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                while len(buffered) < length:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffered += data
+                buffered = buffered[length:]
+                if self.delay:
+                    time.sleep(self.delay)
+                conn.sendall(response)
+                with self._lock:
+                    self.requests += 1
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+
+    def kill(self):
+        """
+        Die like a crashed server: stop listening (later connects are refused) and close every open connection.
+        """
+        with self._lock:
+            self._killed = True
+            conns = list(self._conns)
+        self._server.stop()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def http1_requests(port, host, count, threads=1, path="/", timeout=10.0):
+    """
+    Send C{count} GET requests for C{path} with C{Host: host} to 127.0.0.1:C{port}, over one keep-alive
+    connection per thread (reopened after an error), from C{threads} threads at once.
+
+    @return: a list of C{(status, headers, body)} in completion order; C{status} is C{None} (and C{body} the
+        error text) for a request that got no response.
+    """
+    import http.client
+
+    results = []
+    lock = threading.Lock()
+    left = [count]
+
+    def take():
+        with lock:
+            if left[0] <= 0:
+                return False
+            left[0] -= 1
+            return True
+
+    def run():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            while take():
+                try:
+                    conn.request("GET", path, headers={"Host": host})
+                    response = conn.getresponse()
+                    result = (response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+                except (OSError, http.client.HTTPException) as e:
+                    conn.close()
+                    result = (None, {}, repr(e).encode())
+                with lock:
+                    results.append(result)
+        finally:
+            conn.close()
+
+    workers = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + timeout * (count + 1)
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            raise AssertionError("http1_requests: a client thread did not finish")
+    return results

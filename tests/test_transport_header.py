@@ -189,7 +189,7 @@ class DecodeTests(SynchronousTestCase):
         """
         On arbitrary wire data (unknown fields, groups, fixed widths, repeated and wrongly typed fields,
         bad UTF-8), L{decode} accepts exactly what protobuf accepts and reads the same values, except that
-        it also refuses ports outside 0..65535.
+        it also refuses ports outside 0..65535 and, like prost, field number 0.
         """
         body = b"".join(fields)
         message = Header()
@@ -201,8 +201,16 @@ class DecodeTests(SynchronousTestCase):
         expected = pb_fields(message)
         if not 0 <= expected.port <= 65535:
             self.assertRaises(TransportHeaderError, decode, frame(body))
-        else:
-            self.assertEqual(decode(frame(body)), (expected, b""))
+            return
+        try:
+            got = decode(frame(body))
+        except TransportHeaderError as e:
+            # The one deliberate difference: upb treats a zero tag as an end marker and accepts it inside a
+            # nested message; prost (the decoder Linkerd runs) rejects field number 0, and so do we.
+            if "invalid field number 0" in str(e):
+                return
+            raise
+        self.assertEqual(got, (expected, b""))
 
     @settings(max_examples=300)
     @given(st.binary(max_size=40))

@@ -103,7 +103,9 @@ class IBalancer(Interface):
         The request to C{endpoint} that L{start} counted has its outcome.
 
         @param rtt: seconds to the first response byte (HTTP) or to connect (TCP); C{None} on failure.
-        @param success: C{False} for a connect failure, a reset before response, or a 5xx.
+        @param success: C{True} when the endpoint answered; C{False} for a connect failure, a reset before the
+            response, or a response timeout; C{None} when the client cancelled first (frees the pending slot,
+            counts neither way).
         """
 
     def snapshot(now):
@@ -137,7 +139,8 @@ class ILease(Interface):
     def release(success):
         """
         Report the outcome once: C{True} when the response head arrived (RTT is measured to now), C{False} on a
-        connect failure, a reset before the response, or a timeout. Further calls are ignored.
+        connect failure, a reset before the response, or a timeout, C{None} when the client gave up before
+        any of those (not the endpoint's fault). Further calls are ignored.
         """
 
 

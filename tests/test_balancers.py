@@ -531,3 +531,44 @@ class BalancerTests(PluginDirectoryMixin, SynchronousTestCase):
         self.assertRaises(ValueError, P2CEwmaBalancer, Random(0), decay=0.0)
         self.assertRaises(ValueError, P2CEwmaBalancer, Random(0), default_rtt=-1.0)
         self.assertRaises(ValueError, RandomBalancer, Random(0), max_failures=0)
+
+
+class CancelTests(SynchronousTestCase):
+    """
+    A request its client cancelled frees its slot but is neither a success nor a failure.
+    """
+
+    def test_cancellations_never_eject(self):
+        """
+        Any number of cancelled requests leave the only endpoint ready (a load generator stopping must not
+        eject the endpoint it was using).
+        """
+        balancer = P2CEwmaBalancer(Random(1))
+        endpoint = Endpoint(address=("10.0.0.1", 80))
+        balancer.update([endpoint], 0.0)
+        for i in range(50):
+            picked = balancer.pick(float(i))
+            balancer.start(picked, float(i))
+            balancer.finish(picked, float(i), None, None)
+        self.assertEqual([(e, state) for e, state, _ in balancer.snapshot(60.0)], [(endpoint, "ready")])
+        self.assertIs(balancer.pick(60.0), endpoint)
+
+    def test_cancelled_probe_frees_the_probe(self):
+        """
+        When the probe request is cancelled, the next request may probe the endpoint instead of it staying
+        ejected with a probe that will never report.
+        """
+        balancer = RoundRobinBalancer(Random(1))
+        endpoint = Endpoint(address=("10.0.0.1", 80))
+        balancer.update([endpoint], 0.0)
+        for _ in range(7):
+            balancer.start(endpoint, 0.0)
+            balancer.finish(endpoint, 0.0, None, False)
+        self.assertIsNone(balancer.pick(0.5))
+        later = 120.0
+        probe = balancer.pick(later)
+        self.assertIs(probe, endpoint)
+        balancer.start(probe, later)
+        self.assertIsNone(balancer.pick(later))
+        balancer.finish(probe, later, None, None)
+        self.assertIs(balancer.pick(later), endpoint)

@@ -84,6 +84,14 @@ class FailureAccrual:
         if self.ejected_until is not None and now >= self.ejected_until:
             self.probe_in_flight = True
 
+    def on_cancel(self, now: float) -> None:
+        """
+        A request ended without an outcome (its client gave up): it says nothing about the endpoint. If it
+        was the probe, the endpoint may be probed again by the next request.
+        """
+        if self.ejected_until is not None and now >= self.ejected_until:
+            self.probe_in_flight = False
+
     def on_finish(self, now: float, success: bool, random: Random) -> None:
         """
         Record one request's outcome.

@@ -208,10 +208,14 @@ class _Balancer:
         slot.pending += 1
         slot.accrual.on_start(now)
 
-    def finish(self, endpoint: Endpoint, now: float, rtt: Optional[float], success: bool) -> None:
+    def finish(self, endpoint: Endpoint, now: float, rtt: Optional[float], success: Optional[bool]) -> None:
         """
         The request L{start} counted has its outcome: feed the RTT estimate (when C{rtt} is known) and the
         failure accrual.
+
+        @param success: C{True} or C{False}; C{None} when the request was cancelled by its client before an
+            outcome, which frees its pending slot (and a probe) but counts neither way: a client giving up
+            says nothing about the endpoint.
 
         Outcomes for endpoints no longer in the set are ignored.
         """
@@ -220,6 +224,9 @@ class _Balancer:
             return
         if slot.pending > 0:
             slot.pending -= 1
+        if success is None:
+            slot.accrual.on_cancel(now)
+            return
         if rtt is not None and slot.ewma is not None:
             slot.ewma.observe(rtt, now)
         accrual = slot.accrual

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,6 +43,7 @@ from linkproxy.core.endpoint import format_address
 from linkproxy.logs import logger
 from linkproxy.net.connect import client_endpoint
 from linkproxy.net.context import PeerInfo
+from linkproxy.net.splice import install_direct_write
 from linkproxy.net.tls import (
     IdentityNotReady,
     PeerIdentityMismatch,
@@ -102,9 +103,13 @@ def tls_error_label(failure, verify_error=None):
 # --- TLS transport with half-close ----------------------------------------------------------------------
 
 
-class MeshTLSTransport(BufferingTLSTransport):
+class MeshTLSTransport(TLSMemoryBIOProtocol):
     """
-    Twisted's TLS transport, plus TLS 1.3 half-close in both directions.
+    Twisted's TLS transport, unbuffered, plus TLS 1.3 half-close in both directions.
+
+    Unbuffered: Twisted's default (C{BufferingTLSTransport}) holds every write until the next reactor turn to
+    merge small writes; linkproxy's protocols already write once per event, so that only added a timer and a
+    loop iteration of latency to every response.
 
     Twisted treats a peer's close_notify as the end of the whole connection, and forwards
     C{loseWriteConnection} to the TCP socket underneath (a FIN inside a TLS stream, ahead of buffered records).
@@ -127,7 +132,6 @@ class MeshTLSTransport(BufferingTLSTransport):
         """
         if self.disconnecting or not self.connected or self._write_shut or self._shut_pending:
             return
-        self._aggregator.flush()
         # Writes after this are dropped, like writes after loseConnection.
         self.write = _drop
         if self._handshakeDone and not self._appSendBuffer:
@@ -136,7 +140,7 @@ class MeshTLSTransport(BufferingTLSTransport):
             self._shut_pending = True
 
     def dataReceived(self, data):
-        BufferingTLSTransport.dataReceived(self, data)
+        TLSMemoryBIOProtocol.dataReceived(self, data)
         # A half-close asked for before the handshake, with nothing buffered, has no unbuffering to wait for.
         if self._shut_pending and self._handshakeDone and not self._appSendBuffer:
             self._send_close_notify()
@@ -161,7 +165,7 @@ class MeshTLSTransport(BufferingTLSTransport):
             self.transport.loseConnection()
 
     def _unbufferPendingWrites(self):
-        BufferingTLSTransport._unbufferPendingWrites(self)
+        TLSMemoryBIOProtocol._unbufferPendingWrites(self)
         if self._shut_pending and not self._appSendBuffer:
             self._send_close_notify()
 
@@ -316,11 +320,10 @@ class _ClientSide(_Relay):
     def __init__(self, attempt):
         self._attempt = attempt
 
-    def connectionMade(self):
-        # Queued in the TLS layer until the handshake is done, then sent ahead of anything the protocol writes.
-        self.transport.write(self._attempt.header)
-
     def handshakeCompleted(self):
+        # Written here, not queued at connectionMade: Twisted calls handshakeCompleted before it flushes writes
+        # queued during the handshake, so the protocol handed over below would otherwise overtake the header.
+        self.transport.write(self._attempt.header)
         self._attempt.handshake_done(self)
 
     def _early(self, data):
@@ -366,6 +369,8 @@ class _Attempt:
     def _tcp_connected(self, tls):
         self._connecting = None
         self._tls = tls
+        # TLS records go straight to the socket when nothing is queued (see install_direct_write).
+        install_direct_write(tls.transport)
         return None
 
     def _tcp_failed(self, failure):

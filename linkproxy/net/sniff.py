@@ -13,8 +13,9 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from linkproxy.logs import logger
 from linkproxy.core.detect import DETECT_BUFFER, Detection, Protocol as Detected, detect
+from linkproxy.logs import logger
+from linkproxy.net.splice import install_direct_write
 
 __all__ = ["SniffingProtocol", "OnDetected"]
 
@@ -78,6 +79,8 @@ class SniffingProtocol(Protocol):
         """
         Start the timeout, or decide opaque at once on an opaque port.
         """
+        # Whatever protocol takes the connection over (TLS included) writes straight to the socket.
+        install_direct_write(self.transport)
         if self._skip:
             self._decide(Detection(Detected.OPAQUE, "opaque_port"))
         elif self._timeout is not None:

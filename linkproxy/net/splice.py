@@ -45,6 +45,10 @@ def direct_writer(transport):
     # beneath them, and sending to that socket would bypass the wrapper (plaintext past TLS).
     if not isinstance(transport, Connection) or not isinstance(transport.__dict__.get("socket"), socket.socket):
         return transport.write
+    installed = transport.__dict__.get("write")
+    if installed is not None:
+        # install_direct_write already made this transport's own write direct.
+        return installed
     write = transport.write
     send = transport.socket.send
 
@@ -65,6 +69,20 @@ def direct_writer(transport):
             write(data[sent:])
 
     return direct_write
+
+
+def install_direct_write(transport):
+    """
+    Make C{transport.write} itself the L{direct_writer}, for every protocol that writes to it.
+
+    This is how wrapping protocols benefit too: a TLS layer writes its records to the TCP transport beneath
+    it, and those writes then go straight to the socket when nothing is queued. A no-op for transports that
+    are not plain TCP connections.
+    """
+    if isinstance(transport, Connection) and "write" not in transport.__dict__:
+        writer = direct_writer(transport)
+        if writer is not transport.write:
+            transport.write = writer
 
 
 @implementer(IHalfCloseableProtocol)

@@ -296,9 +296,10 @@ class HttpBackend:
                 buffered = buffered[length:]
                 if self.delay:
                     time.sleep(self.delay)
-                conn.sendall(response)
+                # Counted before sending: a client may read the response before this thread runs again.
                 with self._lock:
                     self.requests += 1
+                conn.sendall(response)
         finally:
             with self._lock:
                 self._conns.discard(conn)

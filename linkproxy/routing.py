@@ -1,5 +1,16 @@
 """
 Routers: the per-direction seam between the protocol layers and discovery/balancing (see L{IRouter}).
+
+Besides C{IRouter.route}, the routers here offer an optional synchronous form, C{route_now(authority)}, for
+callers on the data path: nearly every request is answered without waiting, and a Deferred per request (create,
+add callbacks, run them) is a measurable part of a hop's CPU. Its contract:
+
+  - it returns the L{ILease} that C{route} would fire with, when that is known at once;
+  - it raises the L{linkproxy.core.errors.ProxyError} that C{route} would fail with at once;
+  - it returns C{None} when C{route} would have to wait (discovery has not answered yet): the caller then calls
+    C{route}, which redoes whatever C{route_now} did before giving up, so nothing is counted twice.
+
+Callers look it up with C{getattr(router, "route_now", None)}; wrapping routers that lack it still work.
 """
 
 import ipaddress
@@ -43,6 +54,14 @@ class FixedRouter:
         if self._lease is None:
             return fail(NoEndpoints("no endpoint configured"))
         return succeed(self._lease)
+
+    def route_now(self, authority):
+        """
+        The synchronous form of L{route} (see the module docstring); never C{None}.
+        """
+        if self._lease is None:
+            raise NoEndpoints("no endpoint configured")
+        return self._lease
 
 
 @implementer(IRouter)
@@ -103,15 +122,16 @@ class BalancedLease:
 
     def release(self, success):
         """
-        Feed the outcome to the balancer: the RTT from L{started} to now on success, none on failure. Later
-        calls are ignored.
+        Feed the outcome to the balancer: the RTT from L{started} to now on success, none on failure, and
+        neither for C{None} (cancelled by the client). Later calls are ignored.
         """
         balancer = self._balancer
         if balancer is None:
             return
         self._balancer = None
         now = self._reactor.seconds()
-        balancer.finish(self.endpoint, now, now - self.started if success else None, bool(success))
+        balancer.finish(self.endpoint, now, now - self.started if success else None,
+                        None if success is None else bool(success))
 
 
 #: Requests that may wait for one target's first discovery update; past this they fail at once.
@@ -252,19 +272,38 @@ class BalancedRouter:
 
         @return: a L{Deferred} firing with a L{BalancedLease}, or failing with L{NoEndpoints}.
         """
-        state = self._targets.get(authority)
-        if state is None:
-            if self._closed:
-                return fail(NoEndpoints(f"no endpoints for {authority}: the proxy is shutting down"))
-            try:
-                state = self._target(authority)
-            except ValueError as e:
-                return fail(NoEndpoints(f"invalid authority {authority!r}: {e}"))
+        try:
+            state = self._targets.get(authority) or self._new_state(authority)
+            now = self._reactor.seconds()
+            state.watch.touch(now)
+            if state.ready:
+                return succeed(self._lease(state, now))
+        except NoEndpoints as e:
+            return fail(e)
+        return self._wait(state)
+
+    def route_now(self, authority):
+        """
+        The synchronous form of L{route} (see the module docstring).
+
+        @return: a L{BalancedLease}, or C{None} while the target waits for its first discovery update.
+        @raise NoEndpoints: when L{route} would fail at once.
+        """
+        state = self._targets.get(authority) or self._new_state(authority)
         now = self._reactor.seconds()
         state.watch.touch(now)
         if not state.ready:
-            return self._wait(state)
+            return None
         return self._lease(state, now)
+
+    def _new_state(self, authority):
+        # The target state for an authority spelling not seen yet; NoEndpoints when it cannot be routed.
+        if self._closed:
+            raise NoEndpoints(f"no endpoints for {authority}: the proxy is shutting down")
+        try:
+            return self._target(authority)
+        except ValueError as e:
+            raise NoEndpoints(f"invalid authority {authority!r}: {e}")
 
     def _target(self, authority):
         from random import Random
@@ -290,17 +329,22 @@ class BalancedRouter:
         for deferred, timer in waiters:
             if timer.active():
                 timer.cancel()
-            result = self._lease(state, now)
             # Hand over the result of the pick; the request's Deferred fires with the lease or the failure.
-            result.chainDeferred(deferred)
+            try:
+                lease = self._lease(state, now)
+            except NoEndpoints as e:
+                deferred.errback(e)
+            else:
+                deferred.callback(lease)
 
     def _lease(self, state, now):
+        # A lease on the endpoint the balancer picks; NoEndpoints when it has none to give.
         balancer = state.balancer
         endpoint = balancer.pick(now)
         if endpoint is None:
-            return fail(NoEndpoints(_why(state, now)))
+            raise NoEndpoints(_why(state, now))
         balancer.start(endpoint, now)
-        return succeed(BalancedLease(endpoint, balancer, self._reactor, now))
+        return BalancedLease(endpoint, balancer, self._reactor, now)
 
     def _wait(self, state):
         if len(state.waiters) >= self._max_waiters:

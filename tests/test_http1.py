@@ -6,6 +6,8 @@ The helpers at the top (connector onto StringTransports, scripted backend, raw c
 shared with C{tests.test_http1_interop}.
 """
 
+import sys
+
 from httptools import HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -21,7 +23,9 @@ from linkproxy.net.connect import Connector
 from linkproxy.net.context import HttpSettings, PeerInfo, PLAIN
 from linkproxy.net.http1 import Http1ServerProtocol
 from linkproxy.net.tracker import ConnectionTracker
-from linkproxy.testing import FakeRouter
+from linkproxy.core.endpoint import Endpoint
+from linkproxy.core.errors import NoEndpoints
+from linkproxy.testing import FakeRouter, RecordingLease
 
 
 class MemoryConnector:
@@ -816,13 +820,14 @@ class CancellationTests(SynchronousTestCase):
 
     def test_client_disconnect_before_response(self):
         """
-        The client leaving before the response head aborts the upstream and releases the lease once.
+        The client leaving before the response head aborts the upstream and releases the lease once, as
+        cancelled (C{None}): a client giving up is no verdict on the endpoint.
         """
         h = _Harness()
         h.server.dataReceived(GET)
         h.server.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(h.up().transport.disconnecting)
-        self.assertEqual(h.router.leases[0].outcomes, [False])
+        self.assertEqual(h.router.leases[0].outcomes, [None])
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
     def test_client_disconnect_while_connecting(self):
@@ -834,7 +839,7 @@ class CancellationTests(SynchronousTestCase):
         d = h.connector.connects[0][3]
         h.server.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(d.called)
-        self.assertEqual(h.router.leases[0].outcomes, [False])
+        self.assertEqual(h.router.leases[0].outcomes, [None])
 
     def test_upstream_reset_mid_body(self):
         """
@@ -1156,3 +1161,135 @@ class LoopbackTests(TestCase):
         while sum(received) < size:
             await _sleep(0.05)
         self.assertFalse(upstream._reading_paused)
+
+
+# -- the routers' synchronous fast path (route_now) --------------------------------------------------------------
+
+
+class SyncRouter(FakeRouter):
+    """
+    A L{FakeRouter} that also offers C{route_now}, the synchronous fast path of L{linkproxy.routing}'s routers.
+
+    @ivar deferred_routes: authorities that went through C{route} (the Deferred path) instead.
+    @ivar wait: when true, C{route_now} answers C{None} (as a router still waiting for discovery does).
+    @ivar error: an exception C{route_now} raises instead of answering.
+    """
+
+    def __init__(self, routes=None, default=None, wait=False, error=None):
+        super().__init__(routes, default)
+        self.wait = wait
+        self.error = error
+        self.deferred_routes = []
+
+    def route(self, authority):
+        self.deferred_routes.append(authority)
+        return super().route(authority)
+
+    def route_now(self, authority):
+        if self.error is not None:
+            raise self.error
+        if self.wait:
+            return None
+        self.authorities.append(authority)
+        address = self.routes.get(authority, self.default)
+        if address is None:
+            raise NoEndpoints(f"no endpoints for {authority}")
+        lease = RecordingLease(Endpoint(address=address))
+        self.leases.append(lease)
+        return lease
+
+
+class _SyncRouting:
+    """
+    Runs a test class again with routers that have C{route_now}: every exchange is routed without a Deferred
+    (including requests replayed after a pipelined one, and errors answered in order).
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.patch(sys.modules[__name__], "FakeRouter", SyncRouter)
+
+
+class RoundTripSyncTests(_SyncRouting, RoundTripTests):
+    pass
+
+
+class FramingSyncTests(_SyncRouting, FramingTests):
+    pass
+
+
+class PipeliningSyncTests(_SyncRouting, PipeliningTests):
+    pass
+
+
+class BackpressureSyncTests(_SyncRouting, BackpressureTests):
+    pass
+
+
+class ErrorSyncTests(_SyncRouting, ErrorTests):
+    pass
+
+
+class RetrySyncTests(_SyncRouting, RetryTests):
+    pass
+
+
+class CancellationSyncTests(_SyncRouting, CancellationTests):
+    pass
+
+
+class DrainSyncTests(_SyncRouting, DrainTests):
+    pass
+
+
+class UpgradeSyncTests(_SyncRouting, UpgradeTests):
+    pass
+
+
+class RouteNowTests(SynchronousTestCase):
+    """
+    How L{Http1ServerProtocol} uses a router's C{route_now}.
+    """
+
+    def test_used_when_offered(self):
+        """
+        A router with C{route_now} is not asked for a Deferred; the request head and a body that came in the same
+        segment go up in one write.
+        """
+        router = SyncRouter(default=BACKEND)
+        h = _Harness(router=router)
+        h.server.dataReceived(GET)
+        up = h.up()
+        up.dataReceived(OK)
+        self.assertEqual(h.responses()[0][0], 200)
+        writes = []
+        up._write = writes.append
+        h.server.dataReceived(b"POST /a HTTP/1.1\r\nHost: web:80\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertEqual(writes, [b"POST /a HTTP/1.1\r\nhost: web:80\r\ncontent-length: 3\r\n\r\nabc"])
+        up.dataReceived(OK)
+        self.assertEqual([r[0] for r in h.responses()], [200, 200])
+        self.assertEqual(router.authorities, ["web:80", "web:80"])
+        self.assertEqual(router.deferred_routes, [])
+        self.assertEqual([lease.outcomes for lease in router.leases], [[True], [True]])
+
+    def test_waiting_falls_back_to_route(self):
+        """
+        C{route_now} answering C{None} (the target waits for discovery) sends the request through C{route}.
+        """
+        router = SyncRouter(default=BACKEND, wait=True)
+        h = _Harness(router=router)
+        h.server.dataReceived(GET)
+        self.assertEqual(router.deferred_routes, ["web:80"])
+        h.up().dataReceived(OK)
+        self.assertEqual(h.responses()[0][0], 200)
+        self.assertEqual(router.leases[0].outcomes, [True])
+
+    def test_unexpected_error(self):
+        """
+        An unexpected exception from C{route_now} is logged and answered with 502, as a failed C{route} is.
+        """
+        h = _Harness(router=SyncRouter(default=BACKEND, error=RuntimeError("boom")))
+        h.server.dataReceived(GET + GET)
+        self.assertEqual([r[0] for r in h.responses()], [502, 502])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertFalse(h.transport.disconnecting)

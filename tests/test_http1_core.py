@@ -268,3 +268,46 @@ class HeadCollectorTests(SynchronousTestCase):
         self.assertGreater(collector.size, 40)
         collector.reset()
         self.assertEqual((collector.headers, collector.size, collector.upgrade), ([], 0, None))
+
+    def test_connection_tokens_cached_and_bounded(self):
+        """
+        Connection values are parsed once and shared; several Connection fields add up without touching the cached
+        sets; values past the bounds are parsed but not kept.
+        """
+        self.patch(h1, "_CONNECTION_TOKENS", {})
+        first, second = h1.HeadCollector(), h1.HeadCollector()
+        first.add(b"Connection", b"Keep-Alive, X-A")
+        second.add(b"Connection", b"Keep-Alive, X-A")
+        self.assertIs(first.connection, second.connection)
+        self.assertEqual(first.connection, {b"keep-alive", b"x-a"})
+        first.add(b"Connection", b" ,close")
+        self.assertEqual(first.connection, {b"keep-alive", b"x-a", b"close"})
+        self.assertEqual(second.connection, {b"keep-alive", b"x-a"})
+        long_value = b"x-" + b"a" * 100
+        first.add(b"Connection", long_value)
+        self.assertIn(long_value, first.connection)
+        self.assertNotIn(long_value, h1._CONNECTION_TOKENS)
+        for i in range(200):
+            h1.HeadCollector().add(b"Connection", b"x-%d" % i)
+        self.assertEqual(len(h1._CONNECTION_TOKENS), h1._MAX_CACHED)
+
+
+class StatusLineTests(SynchronousTestCase):
+    """
+    L{h1.status_line} with a reason phrase from the upstream.
+    """
+
+    def test_reason_cached_and_bounded(self):
+        """
+        Status lines with a given reason are kept for reuse, up to a bound in entries and in reason length.
+        """
+        self.patch(h1, "_REASON_LINES", {})
+        line = h1.status_line(200, b"OK")
+        self.assertEqual(line, b"HTTP/1.1 200 OK\r\n")
+        self.assertIs(h1.status_line(200, b"OK"), line)
+        self.assertEqual(h1.status_line(200, b"Fine"), b"HTTP/1.1 200 Fine\r\n")
+        self.assertEqual(h1.status_line(200, b"R" * 100), b"HTTP/1.1 200 " + b"R" * 100 + b"\r\n")
+        self.assertEqual(len(h1._REASON_LINES), 2)
+        for i in range(200):
+            self.assertEqual(h1.status_line(200, b"r%d" % i), b"HTTP/1.1 200 r%d\r\n" % i)
+        self.assertEqual(len(h1._REASON_LINES), h1._MAX_CACHED)

@@ -18,7 +18,7 @@ from linkproxy.core.endpoint import Endpoint
 from linkproxy.core.errors import NoEndpoints
 from linkproxy.discovery.cache import ResolutionCache
 from linkproxy.interfaces import ILease, IRouter
-from linkproxy.routing import BalancedLease, BalancedRouter, RouterService
+from linkproxy.routing import BalancedLease, BalancedRouter, FixedRouter, RouterService
 from linkproxy.testing import FakeDiscovery
 
 A = ("127.0.0.1", 8081)
@@ -345,3 +345,66 @@ class BalancedRouterTests(unittest.TestCase):
         self.assertEqual(result(router.route("web:80")).endpoint.address, A)
         self.assertEqual(failure_reason(self, router.route("other:80")), "no endpoints for other:80")
         router.close()
+
+    def test_routeNow(self):
+        """
+        C{route_now} answers as C{route} would, without a Deferred: a lease counted by the balancer when one can
+        be given at once, C{None} while discovery has not answered (then C{route} waits as usual).
+        """
+        spy = SpyFactory(find_balancer("p2c-ewma"))
+        router = self.router(factory=spy)
+        self.assertIsNone(router.route_now("web:80"))
+        d = router.route("web:80")
+        self.assertNoResult(d)
+        self.discovery.push("web:80", [A])
+        waited = result(d)
+        lease = router.route_now("web:80")
+        self.assertIsInstance(lease, BalancedLease)
+        self.assertEqual(lease.endpoint.address, A)
+        self.assertEqual(router.balancer("web:80").snapshot(self.clock.seconds())[0][2], 0.030 * 3)
+        self.clock.advance(0.25)
+        lease.release(True)
+        waited.release(True)
+        self.assertEqual(spy.finished, [(A, 0.25, 0.25, True), (A, 0.25, 0.25, True)])
+
+    def test_routeNowFailures(self):
+        """
+        C{route_now} raises the L{NoEndpoints} C{route} would fail with: invalid authority, no endpoints, all
+        ejected, and after L{BalancedRouter.close}.
+        """
+        self.discovery.push("web:80", [])
+        self.discovery.push("api:80", [A])
+        router = self.router()
+        self.assertEqual(self.assertRaises(NoEndpoints, router.route_now, "web:80").reason,
+                         "no endpoints for web:80")
+        self.assertIn("invalid authority", self.assertRaises(NoEndpoints, router.route_now, "web:x").reason)
+        for _ in range(7):
+            router.route_now("api:80").release(False)
+        self.assertEqual(self.assertRaises(NoEndpoints, router.route_now, "api:80").reason,
+                         "all 1 endpoints of api:80 are ejected")
+        router.close()
+        self.assertIn("shutting down", self.assertRaises(NoEndpoints, router.route_now, "new:80").reason)
+
+
+class FixedRouterTests(unittest.TestCase):
+    """
+    L{FixedRouter}: one endpoint for every authority.
+    """
+
+    def test_route(self):
+        """
+        C{route} and C{route_now} hand out the same lease on the configured endpoint.
+        """
+        router = FixedRouter(Endpoint(address=A))
+        self.assertTrue(verifyObject(IRouter, router))
+        lease = result(router.route("anything:80"))
+        self.assertEqual(lease.endpoint.address, A)
+        self.assertIs(router.route_now("other:80"), lease)
+
+    def test_noEndpoint(self):
+        """
+        Without an endpoint, both fail with L{NoEndpoints}.
+        """
+        router = FixedRouter(None)
+        self.failureResultOf(router.route("web:80"), NoEndpoints)
+        self.assertRaises(NoEndpoints, router.route_now, "web:80")

@@ -32,6 +32,14 @@ _SPECIAL = HOP_BY_HOP | _FRAMING | {CLIENT_ID, b"host", b"grpc-status"}
 
 _STATUS_LINES = {}
 
+# Status lines with the reason phrase an upstream sent, by (status, reason): upstreams repeat a handful of them,
+# and formatting one costs more than the lookup. Bounded in entries and in value size, since peers choose them.
+_REASON_LINES = {}
+# Connection header values seen, parsed into their lower-cased tokens (frozensets). Bounded like the above.
+_CONNECTION_TOKENS = {}
+_MAX_CACHED = 64
+_MAX_CACHED_VALUE = 64
+
 
 def status_line(status, reason=None):
     """
@@ -45,7 +53,12 @@ def status_line(status, reason=None):
         if line is None:
             line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, _reason_phrase(status))
         return line
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    line = _REASON_LINES.get((status, reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_REASON_LINES) < _MAX_CACHED and len(reason) <= _MAX_CACHED_VALUE:
+            _REASON_LINES[(status, reason)] = line
+    return line
 
 
 def _reason_phrase(status):
@@ -220,7 +233,7 @@ class HeadCollector:
     @ivar host: the C{Host} value, or C{None}.
     @ivar content_length: the C{Content-Length} value bytes, or C{None}.
     @ivar chunked: C{True} when a C{Transfer-Encoding} was given.
-    @ivar connection: C{Connection} tokens seen, lower-cased (C{None} when there were none).
+    @ivar connection: C{Connection} tokens seen, lower-cased, as a C{frozenset} (C{None} when there were none).
     @ivar upgrade: the C{Upgrade} value, or C{None}.
     @ivar grpc_status: the C{grpc-status} value as text, or C{""}.
     """
@@ -263,12 +276,11 @@ class HeadCollector:
         elif name == b"transfer-encoding":
             self.chunked = True
         elif name == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            tokens.discard(b"")
+            tokens = _connection_tokens(value)
             if self.connection is None:
                 self.connection = tokens
             else:
-                self.connection |= tokens
+                self.connection = self.connection | tokens
         elif name == b"upgrade":
             self.upgrade = value
         elif name == b"grpc-status":
@@ -284,10 +296,11 @@ class HeadCollector:
         @return: the list of C{(name, value)} pairs (the collector's own list, extended in place).
         """
         headers = self.headers
-        if self.connection:
-            extra = self.connection - HOP_BY_HOP
-            if extra:
-                headers[:] = [(n, v) for n, v in headers if n not in extra]
+        connection = self.connection
+        # The subset test allocates nothing: the usual Connection values (keep-alive, close) name no field.
+        if connection and not connection <= HOP_BY_HOP:
+            extra = connection - HOP_BY_HOP
+            headers[:] = [(n, v) for n, v in headers if n not in extra]
         if client_id:
             headers.append((CLIENT_ID, client_id.encode("ascii")))
         return headers
@@ -298,6 +311,18 @@ class HeadCollector:
         C{True} when the sender said C{Connection: close}.
         """
         return self.connection is not None and b"close" in self.connection
+
+
+def _connection_tokens(value):
+    """
+    The lower-cased tokens of a C{Connection} value, as a C{frozenset} (cached for values seen often).
+    """
+    tokens = _CONNECTION_TOKENS.get(value)
+    if tokens is None:
+        tokens = frozenset(t.strip().lower() for t in value.split(b",")) - {b""}
+        if len(_CONNECTION_TOKENS) < _MAX_CACHED and len(value) <= _MAX_CACHED_VALUE:
+            _CONNECTION_TOKENS[value] = tokens
+    return tokens
 
 
 def parse_content_length(value):

@@ -102,7 +102,9 @@ class Http1ServerProtocol(Protocol):
             pool = settings.h1_pool = Http1Pool(settings)
         self._pool = pool
         self._reactor = settings.reactor
-        self._router = settings.router
+        self._router = router = settings.router
+        # The router's synchronous fast path, when it has one (see linkproxy.routing): no Deferred per request.
+        self._route_now = getattr(router, "route_now", None)
         self._max_head = settings.max_header_bytes
         self._client_id = peer.client_id
         self._routes = {}
@@ -198,9 +200,10 @@ class Http1ServerProtocol(Protocol):
             return
         self._cancel_upstream()
         if self._busy and not self._released and self._lease is not None:
-            # The client gave up before the response head: the outcome is unknown, counted as not a success.
+            # The client gave up before the response head: that says nothing about the endpoint (a load
+            # generator stopping must not eject it), so the outcome is "cancelled".
             self._released = True
-            self._lease.release(False)
+            self._lease.release(None)
 
     def drain(self):
         """
@@ -479,14 +482,32 @@ class Http1ServerProtocol(Protocol):
         self._deadline = now + self.settings.response_timeout
         if self._timer is None:
             self._timer = self._reactor.callLater(self.settings.response_timeout, self._on_timer)
+        route_now = self._route_now
+        if route_now is not None:
+            try:
+                lease = route_now(authority)
+            except Exception:
+                self._route_failed(Failure())
+                return
+            if lease is not None:
+                # Parsing (or replaying held events) is under way: its caller flushes when it is done.
+                self._dispatch(lease)
+                return
         d = self._routing = self._router.route(authority)
         d.addCallbacks(self._routed, self._route_failed)
 
     def _routed(self, lease):
+        # route()'s Deferred fired; the exchange may have ended while it waited.
         self._routing = None
         if self._disconnected or not self._busy or self._lease is not None:
-            lease.release(False)
+            # Nothing was sent: not the endpoint's failure.
+            lease.release(None)
             return
+        self._dispatch(lease)
+        self._flush_all()
+
+    def _dispatch(self, lease):
+        # Send the request to the lease's endpoint, on a pooled connection or a new one; the caller flushes.
         self._lease = lease
         endpoint = lease.endpoint
         key = (self._authority, endpoint.address)
@@ -495,12 +516,11 @@ class Http1ServerProtocol(Protocol):
             rm = self._route_for(self._authority, endpoint, key)
         self._route_metrics = rm
         rm.requests.inc()
-        conn = self._pool.checkout(endpoint, self._t0)
+        conn = self._upstream_pool().checkout(endpoint, self._t0)
         if conn is not None:
             self._attach(conn, True)
         else:
             self._connect(endpoint)
-        self._flush_all()
 
     def _route_for(self, authority, endpoint, key):
         if len(self._routes) >= _MAX_ROUTE_CACHE:
@@ -521,8 +541,14 @@ class Http1ServerProtocol(Protocol):
         self._fail(err)
         self._flush_all()
 
+    def _upstream_pool(self):
+        # Hook for linkproxy.net.orig_proto.UpgradingPool, which may carry the exchange as HTTP/2: an upgrade
+        # (WebSocket) request stays HTTP/1 end to end, so it takes the upgrading pool's plain HTTP/1 pool.
+        pool = self._pool
+        return getattr(pool, "plain", pool) if self._is_upgrade else pool
+
     def _connect(self, endpoint):
-        d = self._connecting = self._pool.connect(endpoint)
+        d = self._connecting = self._upstream_pool().connect(endpoint)
         d.addCallbacks(self._connected, self._connect_failed)
 
     def _connected(self, conn):
@@ -679,7 +705,8 @@ class Http1ServerProtocol(Protocol):
         if conn is self._up:
             self._up = None
             conn.detach()
-            if self._req_complete and conn.reusable():
+            if self._req_complete:
+                # The pool closes it instead when it cannot be reused.
                 self._pool.release(conn, self._reactor.seconds())
             else:
                 conn.close()
@@ -841,24 +868,29 @@ class Http1ServerProtocol(Protocol):
     def _replay_held(self):
         held = self._held
         if held is not None and not self._replaying:
-            self._replaying = True
-            try:
-                self._held = None
-                self._held_bytes = 0
-                for i, (handler, args, _) in enumerate(held):
-                    handler(*args)
-                    if self._held is not None:
-                        # The replayed request is in flight with its request complete: hold the rest again.
-                        rest = held[i + 1:]
-                        self._held.extend(rest)
-                        self._held_bytes = sum(size for _, _, size in rest)
-                        break
-                    if self._close_when_flushed:
-                        break
-            finally:
-                self._replaying = False
+            self._held = None
+            self._held_bytes = 0
+            if held:
+                self._replay_events(held)
         if self._pause_mask & _R_HOLD and self._held_bytes + self._pending_bytes <= MAX_HELD_BYTES:
             self._resume_reading(_R_HOLD)
+
+    def _replay_events(self, held):
+        # Feed the held events of pipelined requests back in, until one of them is in flight again.
+        self._replaying = True
+        try:
+            for i, (handler, args, _) in enumerate(held):
+                handler(*args)
+                if self._held is not None:
+                    # The replayed request is in flight with its request complete: hold the rest again.
+                    rest = held[i + 1:]
+                    self._held.extend(rest)
+                    self._held_bytes = sum(size for _, _, size in rest)
+                    break
+                if self._close_when_flushed:
+                    break
+        finally:
+            self._replaying = False
 
 
 @implementer(IPushProducer)

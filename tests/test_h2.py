@@ -5,6 +5,7 @@ whose pooled upstream connections reach in-memory h2 backends, all pumped with L
 
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
+from h2.settings import SettingCodes, Settings
 from h2.events import (
     ConnectionTerminated, DataReceived, RequestReceived, ResponseReceived, StreamEnded, StreamReset,
     TrailersReceived, WindowUpdated,
@@ -21,7 +22,11 @@ from linkproxy.admin.metrics import Metrics
 from linkproxy.core import grpc
 from linkproxy.core.errors import NoEndpoints, ResponseTimeout
 from linkproxy.net.context import HttpSettings, PeerInfo
-from linkproxy.net.h2 import H2Pool, H2ServerProtocol, _Connection
+import hpack
+from h2.exceptions import ProtocolError
+
+from linkproxy.net import h2 as h2_module
+from linkproxy.net.h2 import H2Pool, H2ServerProtocol, _Connection, _Decoder, _Encoder
 from linkproxy.net.tracker import ConnectionTracker
 from linkproxy.testing import FakeRouter
 
@@ -458,7 +463,8 @@ class ProxyTests(SynchronousTestCase):
         h.pump()
         (seen,) = h.backend_streams().values()
         self.assertEqual(seen.reset, ErrorCodes.CANCEL)
-        self.assertEqual(h.router.leases[0].outcomes, [False])
+        # Cancelled by the client: no verdict on the endpoint.
+        self.assertEqual(h.router.leases[0].outcomes, [None])
         h.assert_clean(self)
         self.assertEqual(h.clock.getDelayedCalls()[0].func.__name__, "_idle_check")
         self.assertEqual(len(h.clock.getDelayedCalls()), 1)
@@ -737,7 +743,7 @@ class ProxyTests(SynchronousTestCase):
         h.client.transport.loseConnection()
         h.pump()
         self.assertEqual([s.reset for s in h.backend_streams().values()], [ErrorCodes.CANCEL] * 5)
-        self.assertEqual([lease.outcomes for lease in h.router.leases], [[False]] * 5)
+        self.assertEqual([lease.outcomes for lease in h.router.leases], [[None]] * 5)
         h.assert_clean(self)
         self.assertEqual([c.func.__name__ for c in h.clock.getDelayedCalls()], ["_idle_check"])
         h.clock.advance(3)
@@ -785,3 +791,166 @@ class ProxyTests(SynchronousTestCase):
         h.client.request()
         h.pump()
         self.assertEqual(len(h.connector.backends), 2)
+
+
+class DataEndCoalescedTests(SynchronousTestCase):
+    """
+    DATA and END_STREAM read from the endpoint together are forwarded as one DATA frame with END_STREAM.
+    """
+
+    def test_one_frame(self):
+        h = Harness()
+        h.pump()
+        ends = []
+        handle = h.client.handle
+
+        def record(event):
+            if isinstance(event, DataReceived):
+                ends.append(event.stream_ended is not None)
+            handle(event)
+
+        h.client.handle = record
+        sid = h.client.request()
+        h.pump()
+        self.assertEqual(h.client.streams[sid].data, b"hello")
+        self.assertTrue(h.client.streams[sid].ended)
+        self.assertEqual(ends, [True])
+        h.assert_clean(self)
+
+
+class HpackTests(SynchronousTestCase):
+    """
+    L{_Encoder} and L{_Decoder} against hpack's own encoder and decoder.
+    """
+
+    BLOCKS = [
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"web.default:80")],
+        [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"x-id", b"\x00\xff" * 200)],
+        [(b":method", b"POST"), (b"x-custom", b"a" * 300), (b"te", b"trailers"), (b"x-empty", b"")],
+        [(b":path", b"/pkg.Service/Method"), hpack.NeverIndexedHeaderTuple(b"authorization", b"secret"),
+         hpack.NeverIndexedHeaderTuple(b"x-token", b"t0k3n")],
+        [(b"grpc-status", b"0"), (b"grpc-message", b"")],
+    ]
+
+    def setUp(self):
+        h2_module._decoded_blocks.clear()
+
+    def test_round_trip(self):
+        """
+        What L{_Encoder} writes hpack reads back, and what hpack writes (with its dynamic table) L{_Decoder}
+        reads back, over several blocks on one connection; "never indexed" fields stay so.
+        """
+        ours, theirs = _Encoder(), hpack.Encoder()
+        our_decoder, their_decoder = _Decoder(), hpack.Decoder()
+        for _ in range(3):
+            for block in self.BLOCKS:
+                expected = [tuple(f) for f in block]
+                decoded = their_decoder.decode(ours.encode(block), raw=True)
+                self.assertEqual([tuple(f) for f in decoded], expected)
+                decoded = our_decoder.decode(theirs.encode(block), raw=True)
+                self.assertEqual([tuple(f) for f in decoded], expected)
+                self.assertEqual([type(f) is hpack.NeverIndexedHeaderTuple for f in decoded],
+                                 [isinstance(f, hpack.NeverIndexedHeaderTuple) for f in block])
+        # Ours never indexes; theirs does, and our decoder keeps the same table as hpack's would.
+        self.assertEqual(list(their_decoder.header_table.dynamic_entries), [])
+        self.assertEqual(list(our_decoder.header_table.dynamic_entries), list(theirs.header_table.dynamic_entries))
+
+    def test_table_size_update(self):
+        """
+        When the peer changes SETTINGS_HEADER_TABLE_SIZE, the next block starts with a size update.
+        """
+        encoder, decoder = _Encoder(), hpack.Decoder()
+        encoder.header_table_size = 0
+        block = encoder.encode([(b":status", b"200")])
+        self.assertEqual(block, b"\x20\x88")
+        decoder.decode(block)
+        self.assertEqual(decoder.header_table_size, 0)
+        self.assertEqual(encoder.encode([(b":status", b"200")]), b"\x88")
+
+    def test_block_cache_respects_table(self):
+        """
+        A block of "incremental indexing" fields is replayed from the cache only on a table of size 0, where
+        indexing changes nothing; a connection with a table still indexes its fields.
+        """
+        fields = [(b"server", b"nginx"), (b"date", b"Tue, 24 Nov 2026 16:41:39 GMT")]
+        sized_to_zero = hpack.Encoder()
+        sized_to_zero.header_table_size = 0
+        first = sized_to_zero.encode(fields)
+        again = sized_to_zero.encode(fields)
+        self.assertNotEqual(first, again)  # the first one carries the size update
+        zero = _Decoder()
+        zero.max_allowed_table_size = 0
+        self.assertEqual(zero.decode(first, raw=True), fields)
+        self.assertEqual(zero.decode(again, raw=True), fields)
+        self.assertIn(again, h2_module._decoded_blocks)
+        self.assertEqual(zero.decode(again, raw=True), fields)
+        sized = _Decoder()
+        self.assertEqual(sized.decode(again, raw=True), fields)
+        self.assertEqual(len(sized.header_table.dynamic_entries), 2)
+
+    def test_cached_block_still_limited(self):
+        """
+        A cached block over a decoder's header list limit is refused like any other.
+        """
+        block = _Encoder().encode([(b"x-big", b"b" * 100)])
+        self.assertEqual(_Decoder().decode(block, raw=True), [(b"x-big", b"b" * 100)])
+        self.assertIn(block, h2_module._decoded_blocks)
+        small = _Decoder(max_header_list_size=100)
+        self.assertRaises(hpack.OversizedHeaderListError, small.decode, block, raw=True)
+
+    def test_malformed(self):
+        """
+        Malformed blocks raise hpack's decoding errors, which h2 turns into a connection error.
+        """
+        for block in [b"\x80", b"\xff\xff\xff\xff\xff\xff\xff", b"\x00\x05ab", b"\x41\x85", b"\xbf",
+                      b"\x88\x3f\xe1\x1f"]:
+            self.assertRaises(hpack.HPACKDecodingError, _Decoder().decode, block, raw=True)
+
+
+class OpenStreamsTests(SynchronousTestCase):
+    """
+    L{_Connection} counts open streams lazily, and still enforces the concurrency limits exactly.
+    """
+
+    def _pair(self, limit):
+        client = _Connection(H2Configuration(client_side=True, **_TEST_CONFIG))
+        server = _Connection(H2Configuration(client_side=False, **_TEST_CONFIG))
+        server.local_settings = Settings(client=False, initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: limit})
+        client.initiate_connection()
+        server.initiate_connection()
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        server.receive_data(client.data_to_send())
+        return client, server
+
+    def _request(self, client, server, end):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")], end_stream=True)
+        server.receive_data(client.data_to_send())
+        if end:
+            server.send_headers(sid, [(b":status", b"204")], end_stream=True)
+            client.receive_data(server.data_to_send())
+        return sid
+
+    def test_limit_after_many_closed(self):
+        """
+        After many finished streams, the limit allows exactly C{limit} open streams, inbound and outbound.
+        """
+        client, server = self._pair(3)
+        for _ in range(200):
+            self._request(client, server, end=True)
+        self.assertLess(len(server.streams), 200)
+        self.assertLess(len(client.streams), 200)
+        for _ in range(3):
+            self._request(client, server, end=False)
+        self.assertEqual(server.open_inbound_streams, 3)
+        self.assertEqual(client.open_outbound_streams, 3)
+        # The client refuses to open a fourth; forced through, the server refuses it too.
+        sid = client.get_next_available_stream_id()
+        self.assertRaises(ProtocolError, client.send_headers, sid, [(b":method", b"GET")])
+        forced = _Connection(H2Configuration(client_side=True, **_TEST_CONFIG))
+        forced.initiate_connection()
+        forced.data_to_send()
+        forced.highest_outbound_stream_id = sid - 2
+        forced.send_headers(sid, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")])
+        self.assertRaises(ProtocolError, server.receive_data, forced.data_to_send())

@@ -69,7 +69,7 @@ class Mesh:
     """
 
     def __init__(self, testcase, app_port, *, b_dir=None, b_config=None, a_dir=None, server_identity=WEB,
-                 b_inbound=None):
+                 b_inbound=None, a_config=None):
         domain = trust_domain(testcase)
         self.domain = domain
         self.b = None
@@ -86,7 +86,8 @@ class Mesh:
         self.tcp_route = free_port()
         self.a = Proxy(testcase, {"identity_dir": a_dir or domain, "identity_name": CLIENT,
                                   "discovery": f"file:{self.endpoints}",
-                                  "tcp_routes": f"tcp:{self.tcp_route}:interface=127.0.0.1->web.default:9000"})
+                                  "tcp_routes": f"tcp:{self.tcp_route}:interface=127.0.0.1->web.default:9000",
+                                  **(a_config or {})})
 
     def get(self, path="/", timeout=10):
         return http_get(self.a.url("outbound", path), headers={"Host": "web.default"}, timeout=timeout)

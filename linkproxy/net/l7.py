@@ -24,6 +24,10 @@ def http_layer(runtime, direction, router):
         max_header_bytes=config.max_header_bytes, pool_idle_timeout=config.pool_idle_timeout,
         pool_max_idle=config.pool_max_idle, tracker=runtime.tracker)
     settings.h1_pool = Http1Pool(settings)
+    if direction == "outbound" and config.h2_upgrade:
+        # HTTP/1 to meshed endpoints goes to their proxy as HTTP/2 streams (l5d-orig-proto).
+        from linkproxy.net.orig_proto import UpgradingPool
+        settings.h1_pool = UpgradingPool(settings.h1_pool, settings)
 
     def h2_server(conn_settings, peer):
         # h2 is imported with the first HTTP/2 client: a sidecar that never sees one keeps ~1.5 MiB.
@@ -32,6 +36,11 @@ def http_layer(runtime, direction, router):
             settings.h2_pool = H2Pool(settings)
         # Per-connection copies of the settings (inbound authorization) share the direction's pool.
         conn_settings.h2_pool = settings.h2_pool
-        return H2ServerProtocol(conn_settings, peer)
+        server = H2ServerProtocol(conn_settings, peer)
+        if direction == "inbound" and peer.tls == "true":
+            # Streams marked l5d-orig-proto by a peer proxy go to the app as HTTP/1 (trusted from meshed peers only).
+            from linkproxy.net.orig_proto import downgrading_streams
+            server.new_stream = downgrading_streams
+        return server
 
     return settings, {Protocol.HTTP1: Http1ServerProtocol, Protocol.H2: h2_server}

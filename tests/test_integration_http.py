@@ -413,3 +413,33 @@ def _read_response(sock):
             break
         body += chunk
     return head, body
+
+
+class DstOverrideTests(TestCase):
+    """
+    C{l5d-dst-override} routes outbound requests only when C{--dst-override} is on.
+    """
+
+    def test_honoured_only_when_configured(self):
+        """
+        With --dst-override on, HTTP/1 and HTTP/2 requests go where the header says, whatever their Host;
+        with it off (the default) the header is ignored and Host decides.
+        """
+        need("curl")
+        app = TcpServer(self, _closing_http(b"override reached"))
+        h2 = NodeH2Server(self)
+        on = Proxy(self, {"dst_override": "on"})
+        off = Proxy(self, {})
+        for proxy, expect_h1, expect_h2 in ((on, b"override reached", b"h2 / 0 bytes"), (off, None, None)):
+            out = subprocess.run(["curl", "-sS", "--max-time", "10", "-H", "Host: nowhere.invalid",
+                                  "-H", f"l5d-dst-override: 127.0.0.1:{app.port}", proxy.url("outbound", "/")],
+                                 capture_output=True, timeout=20)
+            out2 = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "--max-time", "10",
+                                   "-H", "Host: nowhere.invalid", "-H", f"l5d-dst-override: 127.0.0.1:{h2.port}",
+                                   proxy.url("outbound", "/")], capture_output=True, timeout=20)
+            if expect_h1 is None:
+                self.assertIn(b"no endpoints", out.stdout)
+                self.assertIn(b"no endpoints", out2.stdout)
+            else:
+                self.assertEqual(out.stdout, expect_h1, out.stderr)
+                self.assertEqual(out2.stdout, expect_h2, out2.stderr)

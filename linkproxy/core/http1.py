@@ -7,7 +7,7 @@ in and writes the bytes these functions return.
 """
 
 from linkproxy.core.errors import REASON_PHRASES
-from linkproxy.core.headers import CLIENT_ID, HOP_BY_HOP, PROXY_ERROR, normalize_authority
+from linkproxy.core.headers import CLIENT_ID, DST_OVERRIDE, HOP_BY_HOP, PROXY_ERROR, normalize_authority
 
 #: Bytes of pipelined requests (or of a request body waiting for its upstream) held before the client is paused.
 MAX_HELD_BYTES = 65536
@@ -28,7 +28,7 @@ _SEP = b": "
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 # Headers set aside by HeadCollector.add: hop-by-hop ones, framing, and the ones the proxy rewrites or reads.
-_SPECIAL = HOP_BY_HOP | _FRAMING | {CLIENT_ID, b"host", b"grpc-status"}
+_SPECIAL = HOP_BY_HOP | _FRAMING | {CLIENT_ID, DST_OVERRIDE, b"host", b"grpc-status"}
 
 _STATUS_LINES = {}
 
@@ -236,10 +236,11 @@ class HeadCollector:
     @ivar connection: C{Connection} tokens seen, lower-cased, as a C{frozenset} (C{None} when there were none).
     @ivar upgrade: the C{Upgrade} value, or C{None}.
     @ivar grpc_status: the C{grpc-status} value as text, or C{""}.
+    @ivar dst_override: the C{l5d-dst-override} value, or C{None}.
     """
 
     __slots__ = ("headers", "size", "host", "content_length", "chunked", "connection", "upgrade",
-                 "grpc_status", "_extra")
+                 "grpc_status", "dst_override", "_extra")
 
     def __init__(self):
         self.reset()
@@ -256,6 +257,7 @@ class HeadCollector:
         self.connection = None
         self.upgrade = None
         self.grpc_status = ""
+        self.dst_override = None
         self._extra = None
 
     def add(self, name, value):
@@ -283,6 +285,10 @@ class HeadCollector:
                 self.connection = self.connection | tokens
         elif name == b"upgrade":
             self.upgrade = value
+        elif name == DST_OVERRIDE:
+            # Kept end to end; the outbound proxy routes by it only when --dst-override is on.
+            self.dst_override = value
+            self.headers.append((name, value))
         elif name == b"grpc-status":
             self.grpc_status = value.decode("ascii", "replace").strip()
             self.headers.append((name, value))

@@ -24,6 +24,8 @@ class HttpSettings:
         so a drain can close them when idle.
     @ivar h1_pool: the HTTP/1 client pool shared by this direction's connections (created by the HTTP/1 module).
     @ivar h2_pool: the HTTP/2 client connections shared by this direction (created by the HTTP/2 module).
+    @ivar dst_override: route by a request's C{l5d-dst-override} header when it has one (C{--dst-override},
+        outbound only).
     """
 
     direction: str
@@ -38,6 +40,7 @@ class HttpSettings:
     tracker: Optional[Any] = None
     h1_pool: Optional[Any] = None
     h2_pool: Optional[Any] = None
+    dst_override: bool = False
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from zope.interface import implementer
 
 from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable
 from linkproxy.core.grpc import error_response, grpc_status
-from linkproxy.core.headers import CLIENT_ID, HOP_BY_HOP, connection_tokens, normalize_authority
+from linkproxy.core.headers import CLIENT_ID, DST_OVERRIDE, HOP_BY_HOP, connection_tokens, normalize_authority
 from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import set_nodelay
 
@@ -1199,6 +1199,12 @@ class H2ServerProtocol(Protocol):
                 target = normalize_authority(authority, 443 if scheme == b"https" else 80)
                 if target is None:
                     problem = "invalid :authority"
+                elif self.settings.dst_override:
+                    override = _header(headers, DST_OVERRIDE)
+                    if override is not None:
+                        target = normalize_authority(override, 80)
+                        if target is None:
+                            problem = "invalid l5d-dst-override"
         if problem is not None:
             stream.route = self._route("", None)
             stream.route.requests.inc()
@@ -1642,3 +1648,13 @@ class H2Pool:
         idle = [c for c in self._conns.get(proto.key, ()) if not c._streams]
         if len(idle) > limit:
             proto.close()
+
+
+def _header(headers, name):
+    """
+    The first value of C{name} in a list of C{(name, value)} byte pairs, or C{None}.
+    """
+    for key, value in headers:
+        if key == name:
+            return value
+    return None

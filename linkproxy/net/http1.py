@@ -39,6 +39,7 @@ from zope.interface import implementer
 
 from linkproxy.core import http1 as h1
 from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable
+from linkproxy.core.headers import normalize_authority
 from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import direct_writer, set_nodelay
 
@@ -463,6 +464,10 @@ class Http1ServerProtocol(Protocol):
             authority = h1.request_authority(target, host, method)
             if target[:1] == b"/" and authority is not None:
                 self._last_host, self._last_authority = host, authority
+        if req.dst_override is not None and self.settings.dst_override:
+            authority = normalize_authority(req.dst_override, 80)
+            if authority is None:
+                return self._fail(BadRequest("invalid l5d-dst-override"), close=not self._req_has_body)
         self._authority = authority
         if upgrade:
             if method == b"CONNECT":

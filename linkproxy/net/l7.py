@@ -22,7 +22,8 @@ def http_layer(runtime, direction, router):
         direction=direction, router=router, connector=runtime.connector, metrics=runtime.metrics,
         reactor=runtime.reactor, response_timeout=config.response_timeout,
         max_header_bytes=config.max_header_bytes, pool_idle_timeout=config.pool_idle_timeout,
-        pool_max_idle=config.pool_max_idle, tracker=runtime.tracker)
+        pool_max_idle=config.pool_max_idle, tracker=runtime.tracker,
+        dst_override=config.dst_override and direction == "outbound")
     settings.h1_pool = Http1Pool(settings)
     if direction == "outbound" and config.h2_upgrade:
         # HTTP/1 to meshed endpoints goes to their proxy as HTTP/2 streams (l5d-orig-proto).

@@ -1020,7 +1020,79 @@ class _Stream:
 
 
 @implementer(IPushProducer)
-class H2ServerProtocol(Protocol):
+class _H2Side(Protocol):
+    """
+    What both ends of the proxy's HTTP/2 connections share: feeding received bytes to h2 and dispatching its
+    events (with writes gathered into one flush), and pausing when the peer stops reading.
+
+    Subclasses provide C{conn}, C{_handlers}, C{_flusher}, C{_mark}, C{_close_soon}, and the two hooks below.
+    """
+
+    alive = False
+    blocked = False
+
+    def _protocol_error(self, error):
+        """
+        Log a protocol error from the peer; h2 has queued a GOAWAY.
+        """
+
+    def _after_events(self):
+        """
+        Called after each batch of received bytes is handled.
+        """
+
+    def dataReceived(self, data):
+        if not self.alive:
+            return
+        flusher = self._flusher
+        was_busy = flusher.busy
+        flusher.busy = True
+        try:
+            try:
+                events = self.conn.receive_data(data)
+            except ProtocolError as e:
+                # h2 queued a GOAWAY; it goes out, then the connection closes and connectionLost cleans up.
+                self._protocol_error(e)
+                self._close_soon()
+                return
+            handlers = self._handlers
+            for event in events:
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    handler(event)
+            self._mark()
+        finally:
+            flusher.busy = was_busy
+            flusher.flush()
+        self._after_events()
+
+    # -- IPushProducer: our transport's write buffer filled up or drained --------------------------------------
+
+    def pauseProducing(self):
+        """
+        The peer is not reading: stop forwarding to it and stop reading from it.
+        """
+        self.blocked = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        """
+        The peer caught up: read again and forward what waited.
+        """
+        self.blocked = False
+        if not self.alive:
+            return
+        self.transport.resumeProducing()
+        _pump_waiting(self)
+        self._flusher.flush()
+
+    def stopProducing(self):
+        """
+        The transport is going away; L{connectionLost} cleans up.
+        """
+
+
+class H2ServerProtocol(_H2Side):
     """
     The accepted side of an HTTP/2 connection: every request stream is routed and proxied on its own.
 
@@ -1031,7 +1103,6 @@ class H2ServerProtocol(Protocol):
     @ivar peer: what is known about the client (L{PeerInfo}).
     """
 
-    alive = False
     conn = None
     #: Hook: builds the per-stream object as C{new_stream(server, sid, headers, grpc)}; set per connection to
     #: serve C{l5d-orig-proto} streams as HTTP/1 (L{linkproxy.net.orig_proto.downgrading_streams}).
@@ -1084,29 +1155,10 @@ class H2ServerProtocol(Protocol):
         if tracker is not None:
             tracker.add(self)
 
-    def dataReceived(self, data):
-        if not self.alive:
-            return
-        flusher = self._flusher
-        was_busy = flusher.busy
-        flusher.busy = True
-        try:
-            try:
-                events = self.conn.receive_data(data)
-            except ProtocolError as e:
-                # h2 queued a GOAWAY; it goes out, then the connection closes and connectionLost cleans up.
-                log.debug("HTTP/2 protocol error from client: {error}", error=e)
-                self._close_soon()
-                return
-            handlers = self._handlers
-            for event in events:
-                handler = handlers.get(type(event))
-                if handler is not None:
-                    handler(event)
-            self._mark()
-        finally:
-            flusher.busy = was_busy
-            flusher.flush()
+    def _protocol_error(self, error):
+        log.debug("HTTP/2 protocol error from client: {error}", error=error)
+
+    def _after_events(self):
         self._maybe_close()
 
     def connectionLost(self, reason=None):
@@ -1121,31 +1173,6 @@ class H2ServerProtocol(Protocol):
         self._streams.clear()
         self.waiting.clear()
         self._flusher.flush()
-
-    # -- IPushProducer: our transport's write buffer filled up or drained --------------------------------------
-
-    def pauseProducing(self):
-        """
-        The client is not reading: stop forwarding to it and stop reading from it.
-        """
-        self.blocked = True
-        self.transport.pauseProducing()
-
-    def resumeProducing(self):
-        """
-        The client caught up: read again and forward what waited.
-        """
-        self.blocked = False
-        if not self.alive:
-            return
-        self.transport.resumeProducing()
-        _pump_waiting(self)
-        self._flusher.flush()
-
-    def stopProducing(self):
-        """
-        The transport is going away; L{connectionLost} cleans up.
-        """
 
     # -- tracker contract --------------------------------------------------------------------------------------
 
@@ -1291,12 +1318,11 @@ def _pump_waiting(proto):
 
 
 @implementer(IPushProducer)
-class _H2ClientProtocol(Protocol):
+class _H2ClientProtocol(_H2Side):
     """
     One pooled upstream HTTP/2 connection, multiplexing the streams of any number of accepted connections.
     """
 
-    alive = False
     conn = None
 
     def __init__(self, pool, key):
@@ -1361,29 +1387,10 @@ class _H2ClientProtocol(Protocol):
         self._mark()
         self._flusher.flush()
 
-    def dataReceived(self, data):
-        if not self.alive:
-            return
-        flusher = self._flusher
-        was_busy = flusher.busy
-        flusher.busy = True
-        try:
-            try:
-                events = self.conn.receive_data(data)
-            except ProtocolError as e:
-                # h2 queued a GOAWAY; it goes out, then the connection closes and connectionLost cleans up.
-                log.info("HTTP/2 protocol error from {key}: {error}", key=self.key, error=e)
-                self._close_soon()
-                return
-            handlers = self._handlers
-            for event in events:
-                handler = handlers.get(type(event))
-                if handler is not None:
-                    handler(event)
-            self._mark()
-        finally:
-            flusher.busy = was_busy
-            flusher.flush()
+    def _protocol_error(self, error):
+        log.info("HTTP/2 protocol error from {key}: {error}", key=self.key, error=error)
+
+    def _after_events(self):
         self._check_idle()
 
     def connectionLost(self, reason=None):
@@ -1399,31 +1406,6 @@ class _H2ClientProtocol(Protocol):
             stream.up = None
             stream.up_gone(None, "upstream connection lost")
         self._flusher.flush()
-
-    # -- IPushProducer -----------------------------------------------------------------------------------------
-
-    def pauseProducing(self):
-        """
-        The endpoint is not reading: stop forwarding to it and stop reading from it.
-        """
-        self.blocked = True
-        self.transport.pauseProducing()
-
-    def resumeProducing(self):
-        """
-        The endpoint caught up: read again and forward what waited.
-        """
-        self.blocked = False
-        if not self.alive:
-            return
-        self.transport.resumeProducing()
-        _pump_waiting(self)
-        self._flusher.flush()
-
-    def stopProducing(self):
-        """
-        The transport is going away; L{connectionLost} cleans up.
-        """
 
     # -- h2 events ---------------------------------------------------------------------------------------------
 

@@ -1,1 +1,0 @@
---h2-upgrade on carries HTTP/1 to meshed endpoints as HTTP/2 streams over one pooled mTLS connection per peer (l5d-orig-proto: HTTP/1.1); the inbound proxy always serves such streams from meshed peers to the app as HTTP/1.1. Default off: it costs more CPU per request than it saves (docs/wire-protocol.md).

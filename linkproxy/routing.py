@@ -13,7 +13,6 @@ add callbacks, run them) is a measurable part of a hop's CPU. Its contract:
 Callers look it up with C{getattr(router, "route_now", None)}; wrapping routers that lack it still work.
 """
 
-import ipaddress
 from weakref import WeakKeyDictionary, WeakSet
 
 from prometheus_client.core import GaugeMetricFamily
@@ -21,7 +20,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from linkproxy.core.endpoint import Endpoint, parse_host_port
 from linkproxy.core.errors import NoEndpoints
 from linkproxy.interfaces import ILease, IRouter
 
@@ -62,45 +60,6 @@ class FixedRouter:
         if self._lease is None:
             raise NoEndpoints("no endpoint configured")
         return self._lease
-
-
-@implementer(IRouter)
-class ResolvingRouter:
-    """
-    Routes to the address an authority names: IP literals directly, host names through the reactor's resolver.
-
-    This is the zero-config outbound router until discovery and balancing take over.
-    """
-
-    def __init__(self, reactor):
-        self._reactor = reactor
-        self._literal = {}
-
-    def route(self, authority):
-        lease = self._literal.get(authority)
-        if lease is not None:
-            return succeed(lease)
-        try:
-            host, port = parse_host_port(authority)
-        except ValueError as e:
-            return fail(NoEndpoints(f"invalid authority {authority!r}: {e}"))
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            lease = FixedLease(Endpoint(address=(host, port)))
-            if len(self._literal) < 4096:
-                self._literal[authority] = lease
-            return succeed(lease)
-
-        def resolved(ip):
-            return FixedLease(Endpoint(address=(ip, port)))
-
-        def unresolved(failure):
-            raise NoEndpoints(f"no endpoints for {authority}: {failure.getErrorMessage()}")
-
-        return self._reactor.resolve(host).addCallbacks(resolved, unresolved)
 
 
 @implementer(ILease)

@@ -222,33 +222,31 @@ def _endpoint_port(endpoint: Any) -> Optional[int]:
     return None
 
 
-def _server_description(value: Any, what: str = "listen address") -> str:
-    desc = _text(value, "a server endpoint description such as 'tcp:4140:interface=127.0.0.1'")
-    from twisted.internet.endpoints import serverFromString
+def _description(value: Any, parse: Callable[[Any, str], Any], example: str, what: str, lowest_port: int) -> str:
+    desc = _text(value, f"a {example}")
     try:
-        endpoint = serverFromString(_NoReactor(), desc)
+        endpoint = parse(_NoReactor(), desc)
     except Exception as e:
         # Endpoint parsers (including third-party plugins) fail with whatever they like: ValueError, TypeError,
         # KeyError, OSError for missing certificate files... All of them mean "bad description".
         raise ValueError(f"invalid {what} {_show(desc)}: {_exception_text(e)}") from None
     port = _endpoint_port(endpoint)
-    if port is not None and not 0 <= port <= 65535:
-        raise ValueError(f"invalid {what} {_show(desc)}: port {port} is outside 0-65535")
+    if port is not None and not lowest_port <= port <= 65535:
+        raise ValueError(f"invalid {what} {_show(desc)}: port {port} is outside {lowest_port}-65535")
     return desc
+
+
+def _server_description(value: Any, what: str = "listen address") -> str:
+    from twisted.internet.endpoints import serverFromString
+    # Port 0 asks the kernel for a free port: fine for a listener.
+    return _description(value, serverFromString,
+                        "server endpoint description such as 'tcp:4140:interface=127.0.0.1'", what, 0)
 
 
 def _client_description(value: Any) -> str:
-    desc = _text(value, "a client endpoint description such as 'tcp:host=127.0.0.1:port=8080'")
     from twisted.internet.endpoints import clientFromString
-    try:
-        endpoint = clientFromString(_NoReactor(), desc)
-    except Exception as e:
-        # Same reasoning as for server descriptions: any exception from a parser means a bad description.
-        raise ValueError(f"invalid client address {_show(desc)}: {_exception_text(e)}") from None
-    port = _endpoint_port(endpoint)
-    if port is not None and not 1 <= port <= 65535:
-        raise ValueError(f"invalid client address {_show(desc)}: port {port} is outside 1-65535")
-    return desc
+    return _description(value, clientFromString,
+                        "client endpoint description such as 'tcp:host=127.0.0.1:port=8080'", "client address", 1)
 
 
 def _exception_text(e: BaseException) -> str:

@@ -6,9 +6,9 @@ C{POST /shutdown} share.
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.protocol import Factory
-from linkproxy.logs import logger
+from twisted.logger import Logger
 
-log = logger("linkproxy.service")
+log = Logger(namespace="linkproxy.service")
 
 
 class AcceptFactory(Factory):

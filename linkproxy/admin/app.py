@@ -20,9 +20,9 @@ import json
 from klein import Klein
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.address import UNIXAddress
+from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from linkproxy.logs import logger
 from linkproxy.admin.loglevel import LEVEL_NAMES
 
 TEXT_PLAIN = b"text/plain; charset=utf-8"
@@ -82,7 +82,7 @@ class AdminApp:
     """
 
     app = Klein()
-    log = logger("linkproxy.admin")
+    log = Logger(namespace="linkproxy.admin")
 
     def __init__(self, *, metrics, readiness, config_dump, log_level, shutdown, reactor):
         """

@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -40,7 +41,6 @@ from zope.interface import implementer
 from linkproxy.core import transport_header
 from linkproxy.core.detect import Protocol as Detected
 from linkproxy.core.endpoint import format_address
-from linkproxy.logs import logger
 from linkproxy.net.connect import client_endpoint
 from linkproxy.net.context import PeerInfo
 from linkproxy.net.splice import install_direct_write
@@ -56,7 +56,7 @@ __all__ = [
     "MeshConnector", "MeshServer", "MeshTLSTransport", "tls_error_label",
 ]
 
-log = logger("linkproxy.net.mesh")
+log = Logger(namespace="linkproxy.net.mesh")
 
 #: Plaintext a protocol may receive before it is handed over; only a misbehaving peer gets near it.
 _MAX_EARLY = transport_header.MAX_HEADER_LENGTH + 64 * 1024

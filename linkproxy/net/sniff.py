@@ -10,11 +10,11 @@ from typing import Callable, Optional
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from linkproxy.core.detect import DETECT_BUFFER, Detection, Protocol as Detected, detect
-from linkproxy.logs import logger
 from linkproxy.net.splice import install_direct_write
 
 __all__ = ["SniffingProtocol", "OnDetected"]
@@ -41,7 +41,7 @@ class SniffingProtocol(Protocol):
     @ivar detection: the L{Detection} once made, else L{None}.
     """
 
-    _log = logger("linkproxy.net.sniff")
+    _log = Logger(namespace="linkproxy.net.sniff")
 
     def __init__(self, on_detected: OnDetected, *, reactor: IReactorTime, timeout: Optional[float], metrics,
                  direction: str, max_bytes: int = DETECT_BUFFER, skip: bool = False):

@@ -13,10 +13,10 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.tcp import Connection
-from linkproxy.logs import logger
+from twisted.logger import Logger
 from zope.interface import implementer
 
-log = logger("linkproxy.net.splice")
+log = Logger(namespace="linkproxy.net.splice")
 
 
 def set_nodelay(transport):

@@ -6,12 +6,12 @@ import sys
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError
-from linkproxy.logs import logger
+from twisted.logger import Logger
 
 from linkproxy.core.errors import ProxyError
 from linkproxy.net.splice import AcceptedSplice, SpliceSide
 
-log = logger("linkproxy.net.tcp")
+log = Logger(namespace="linkproxy.net.tcp")
 
 
 def connect_error_label(failure):

@@ -954,3 +954,233 @@ class OpenStreamsTests(SynchronousTestCase):
         forced.highest_outbound_stream_id = sid - 2
         forced.send_headers(sid, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")])
         self.assertRaises(ProtocolError, server.receive_data, forced.data_to_send())
+
+
+# -- The lean frame and stream paths -------------------------------------------------------------------------
+
+from hypothesis import given, strategies as st
+from hyperframe.frame import (
+    ContinuationFrame, DataFrame, HeadersFrame, PingFrame, RstStreamFrame, WindowUpdateFrame,
+)
+from h2.frame_buffer import FrameBuffer
+from h2.exceptions import FrameTooLargeError
+
+from linkproxy.net.h2 import _FrameBuffer, _OutFrame, _header_frames
+
+
+def _frame_fields(frame):
+    """
+    What h2 reads of a received frame, comparable between hyperframe's frames and linkproxy's.
+    """
+    fields = {"kind": frame.type, "stream_id": frame.stream_id, "flags": set(frame.flags)}
+    for name in ("data", "pad_length", "depends_on", "stream_weight", "exclusive", "body_len", "error_code",
+                 "window_increment", "opaque_data"):
+        if hasattr(frame, name):
+            fields[name] = getattr(frame, name)
+    if isinstance(frame, DataFrame):
+        fields["flow_controlled_length"] = frame.flow_controlled_length
+    return fields
+
+
+def _drain(buffer, data, max_frame_size=16384):
+    """
+    Feed C{data} to C{buffer} one chunk at a time; the frames read, and the error that ended the reading.
+    """
+    buffer.max_frame_size = max_frame_size
+    out = []
+    try:
+        for i in range(0, len(data), 7):
+            buffer.add_data(data[i:i + 7])
+            out.extend(_frame_fields(f) for f in buffer)
+    except Exception as e:
+        return out, type(e)
+    return out, None
+
+
+_stream_ids = st.integers(min_value=1, max_value=2 ** 31 - 1)
+
+
+@st.composite
+def _frames(draw):
+    kind = draw(st.sampled_from(["data", "headers", "headers+cont", "ping", "rst", "window"]))
+    sid = draw(_stream_ids)
+    if kind == "data":
+        f = DataFrame(sid, data=draw(st.binary(max_size=64)))
+        if draw(st.booleans()):
+            f.flags.add("END_STREAM")
+        if draw(st.booleans()):
+            f.flags.add("PADDED")
+            f.pad_length = draw(st.integers(min_value=0, max_value=20))
+        return [f]
+    if kind in ("headers", "headers+cont"):
+        f = HeadersFrame(sid, data=draw(st.binary(max_size=64)))
+        for flag in ("END_STREAM", "PADDED", "PRIORITY"):
+            if draw(st.booleans()):
+                f.flags.add(flag)
+        if "PADDED" in f.flags:
+            f.pad_length = draw(st.integers(min_value=0, max_value=20))
+        if "PRIORITY" in f.flags:
+            f.depends_on = draw(st.integers(min_value=0, max_value=2 ** 31 - 1))
+            f.stream_weight = draw(st.integers(min_value=0, max_value=255))
+            f.exclusive = draw(st.booleans())
+        if kind == "headers":
+            f.flags.add("END_HEADERS")
+            return [f]
+        c = ContinuationFrame(sid, data=draw(st.binary(max_size=32)))
+        c.flags.add("END_HEADERS")
+        return [f, c]
+    if kind == "ping":
+        return [PingFrame(0, opaque_data=draw(st.binary(min_size=8, max_size=8)))]
+    if kind == "rst":
+        f = RstStreamFrame(sid)
+        f.error_code = draw(st.integers(min_value=0, max_value=13))
+        return [f]
+    f = WindowUpdateFrame(draw(st.integers(min_value=0, max_value=2 ** 31 - 1)))
+    f.window_increment = draw(st.integers(min_value=1, max_value=2 ** 31 - 1))
+    return [f]
+
+
+class FrameBufferTests(SynchronousTestCase):
+    """
+    L{_FrameBuffer} reads the same frames as h2's C{FrameBuffer}, and fails the same way.
+    """
+
+    @given(st.lists(_frames(), max_size=12).map(lambda groups: [f for g in groups for f in g]))
+    def test_same_frames(self, frames):
+        wire = b"".join(f.serialize() for f in frames)
+        self.assertEqual(_drain(_FrameBuffer(), wire), _drain(FrameBuffer(), wire))
+
+    @given(st.binary(max_size=80))
+    def test_same_on_garbage(self, wire):
+        # Any byte string: the same frames, then the same error class, or none.
+        self.assertEqual(_drain(_FrameBuffer(), wire), _drain(FrameBuffer(), wire))
+
+    def test_errors(self):
+        stream_zero = b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"
+        oversized = b"\x00\x00\x11\x01\x04\x00\x00\x00\x01" + b"x" * 17
+        bad_padding = b"\x00\x00\x02\x00\x08\x00\x00\x00\x01\x05x"
+        for wire, error in [(stream_zero, ProtocolError), (oversized, FrameTooLargeError),
+                            (bad_padding, Exception)]:
+            ours = _drain(_FrameBuffer(), wire, max_frame_size=16)
+            self.assertEqual(ours, _drain(FrameBuffer(), wire, max_frame_size=16))
+            self.assertTrue(issubclass(ours[1], error), ours)
+
+
+class OutFrameTests(SynchronousTestCase):
+    """
+    The frames linkproxy serializes itself are byte for byte hyperframe's.
+    """
+
+    @given(_stream_ids, st.binary(max_size=100), st.booleans())
+    def test_data(self, sid, body, end):
+        f = DataFrame(sid, data=body)
+        if end:
+            f.flags.add("END_STREAM")
+        ours = _OutFrame(0, 1 if end else 0, sid, body)
+        self.assertEqual(ours.serialize(), f.serialize())
+        self.assertEqual(ours.body_len, len(body))
+
+    @given(_stream_ids, st.binary(min_size=1, max_size=100), st.integers(min_value=1, max_value=40), st.booleans())
+    def test_header_block_split(self, sid, block, max_size, end):
+        frames = _header_frames(sid, block, max_size, end)
+        self.assertTrue(all(f.body_len <= max_size for f in frames))
+        buffer = FrameBuffer()
+        buffer.max_frame_size = max_size
+        buffer.add_data(b"".join(f.serialize() for f in frames))
+        [read] = list(buffer)
+        self.assertIsInstance(read, HeadersFrame)
+        self.assertEqual(read.data, block)
+        self.assertEqual(read.stream_id, sid)
+        self.assertEqual("END_STREAM" in read.flags, end)
+        self.assertIn("END_HEADERS", read.flags)
+
+
+class LeanStreamTests(SynchronousTestCase):
+    """
+    L{linkproxy.net.h2._LeanStream} keeps h2's stream rules: informational responses, trailers, HEAD, and the
+    streams held by L{_Connection} stay few.
+    """
+
+    def _pair(self):
+        client = _Connection(H2Configuration(client_side=True, **_TEST_CONFIG))
+        server = _Connection(H2Configuration(client_side=False, **_TEST_CONFIG))
+        client.initiate_connection()
+        server.initiate_connection()
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        server.receive_data(client.data_to_send())
+        return client, server
+
+    def test_informational_then_final(self):
+        client, server = self._pair()
+        client.send_headers(1, [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"http"),
+                                (b"expect", b"100-continue")])
+        server.receive_data(client.data_to_send())
+        self.assertRaises(ProtocolError, server.send_headers, 1, [(b":status", b"100")], end_stream=True)
+        server.send_headers(1, [(b":status", b"100")])
+        events = client.receive_data(server.data_to_send())
+        self.assertEqual(type(events[0]).__name__, "InformationalResponseReceived")
+        client.send_data(1, b"body", end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(1, [(b":status", b"200")])
+        server.send_data(1, b"ok")
+        server.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+        events = client.receive_data(server.data_to_send())
+        self.assertEqual([type(e).__name__ for e in events],
+                         ["ResponseReceived", "DataReceived", "TrailersReceived", "StreamEnded"])
+        self.assertEqual(events[1].data, b"ok")
+        # Trailers must end the stream, as h2 requires.
+        client.send_headers(3, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")], end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(3, [(b":status", b"200")])
+        self.assertRaises(ProtocolError, server.send_headers, 3, [(b"grpc-status", b"0")])
+
+    def test_head_response_with_length(self):
+        """
+        A response to HEAD may name a Content-Length and carry no body: h2 learns the method from our stream.
+        """
+        client, server = self._pair()
+        client.send_headers(1, [(b":method", b"HEAD"), (b":path", b"/"), (b":scheme", b"http")], end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(1, [(b":status", b"200"), (b"content-length", b"10")], end_stream=True)
+        events = client.receive_data(server.data_to_send())
+        self.assertEqual([type(e).__name__ for e in events], ["ResponseReceived", "StreamEnded"])
+
+    def test_body_longer_than_content_length(self):
+        client, server = self._pair()
+        client.send_headers(1, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")], end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(1, [(b":status", b"200"), (b"content-length", b"1")])
+        server.send_data(1, b"too long", end_stream=True)
+        self.assertRaises(ProtocolError, client.receive_data, server.data_to_send())
+
+    def test_large_header_block_continuation(self):
+        client, server = self._pair()
+        big = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b"x-big", b"v" * 40000)]
+        client.send_headers(1, big, end_stream=True)
+        events = server.receive_data(client.data_to_send())
+        self.assertEqual(events[0].headers[-1], (b"x-big", b"v" * 40000))
+        self.assertIsNotNone(events[0].stream_ended)
+
+    def test_closed_streams_dropped(self):
+        """
+        L{_Connection.drop_closed} forgets a finished stream at once, and h2 still knows how it was closed:
+        DATA that arrives for it afterwards gets RST_STREAM, not a connection error.
+        """
+        client, server = self._pair()
+        client.send_headers(1, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")])
+        server.receive_data(client.data_to_send())
+        server.reset_stream(1, ErrorCodes.CANCEL)
+        server.drop_closed(1)
+        server.drop_closed(1)
+        self.assertNotIn(1, server.streams)
+        client.receive_data(server.data_to_send())
+        late = DataFrame(1, data=b"late")
+        server.receive_data(late.serialize())
+        rst = server.data_to_send()
+        self.assertEqual(rst[3], 0x3)  # RST_STREAM, for that stream only
+        # An open stream is kept.
+        client.send_headers(3, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")])
+        server.receive_data(client.data_to_send())
+        server.drop_closed(3)
+        self.assertIn(3, server.streams)

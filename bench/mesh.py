@@ -18,9 +18,10 @@ Certificates come from linkproxy's own tool: `linkproxy-identity init DIR`, then
 issues its own from the trust domain's issuer.
 
 CPU per request is the sum over BOTH proxies of the path (utime+stime during the c=50 run / requests).
-Before each wrk run the bench waits until one GET through the target answers 200: linkproxy's outbound ejects its
-only endpoint for ~1-1.5 s when a wrk run ends (cancelled requests count as endpoint failures); the wait and the
-errors it saw are printed as a NOTE line, so that the table measures the proxy serving.
+Before each wrk run the bench waits until one GET through the target answers 200, so that the table measures the
+proxy serving; if it had to wait, the wait and the errors it saw are printed as a NOTE line. (Early builds
+ejected the only endpoint for ~1 s when wrk stopped, counting its cancelled requests as endpoint failures;
+cancelled requests are now neutral, and the NOTE should not appear.)
 
 Target: linkproxy pair >= 0.35x the HAProxy pair's req/s at c=50.
 

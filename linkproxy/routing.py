@@ -11,6 +11,7 @@ add callbacks, run them) is a measurable part of a hop's CPU. Its contract:
     C{route}, which redoes whatever C{route_now} did before giving up, so nothing is counted twice.
 
 Callers look it up with C{getattr(router, "route_now", None)}; wrapping routers that lack it still work.
+L{route_request} does the two steps for them.
 """
 
 from weakref import WeakKeyDictionary, WeakSet
@@ -18,10 +19,36 @@ from weakref import WeakKeyDictionary, WeakSet
 from prometheus_client.core import GaugeMetricFamily
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from linkproxy.core.errors import NoEndpoints
 from linkproxy.interfaces import ILease, IRouter
+
+
+def route_request(router, route_now, authority, now, later, failed):
+    """
+    Route one request: with C{route_now} when the router has it and knows the answer at once, else through
+    C{router.route}.
+
+    @param route_now: C{router.route_now}, looked up once per connection, or C{None}.
+    @param now: called with the lease when it was known at once (still within the caller's event).
+    @param later: called with the lease when C{route}'s Deferred fires.
+    @param failed: called with a L{Failure} when routing fails, at once or later.
+    @return: C{route}'s Deferred while the request waits for it (to cancel it), else C{None}.
+    """
+    if route_now is not None:
+        try:
+            lease = route_now(authority)
+        except Exception:
+            failed(Failure())
+            return None
+        if lease is not None:
+            now(lease)
+            return None
+    d = router.route(authority)
+    d.addCallbacks(later, failed)
+    return None if d.called else d
 
 
 @implementer(ILease)

@@ -907,21 +907,29 @@ class HpackTests(SynchronousTestCase):
             self.assertRaises(hpack.HPACKDecodingError, _Decoder().decode, block, raw=True)
 
 
+def _connected_pair(server_settings=None):
+    """
+    A client and a server L{_Connection}, their prefaces and SETTINGS exchanged in memory.
+    """
+    client = _Connection(H2Configuration(client_side=True, **_TEST_CONFIG))
+    server = _Connection(H2Configuration(client_side=False, **_TEST_CONFIG))
+    if server_settings:
+        server.local_settings = Settings(client=False, initial_values=server_settings)
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    return client, server
+
+
 class OpenStreamsTests(SynchronousTestCase):
     """
     L{_Connection} counts open streams lazily, and still enforces the concurrency limits exactly.
     """
 
     def _pair(self, limit):
-        client = _Connection(H2Configuration(client_side=True, **_TEST_CONFIG))
-        server = _Connection(H2Configuration(client_side=False, **_TEST_CONFIG))
-        server.local_settings = Settings(client=False, initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: limit})
-        client.initiate_connection()
-        server.initiate_connection()
-        server.receive_data(client.data_to_send())
-        client.receive_data(server.data_to_send())
-        server.receive_data(client.data_to_send())
-        return client, server
+        return _connected_pair({SettingCodes.MAX_CONCURRENT_STREAMS: limit})
 
     def _request(self, client, server, end):
         sid = client.get_next_available_stream_id()
@@ -1102,14 +1110,7 @@ class LeanStreamTests(SynchronousTestCase):
     """
 
     def _pair(self):
-        client = _Connection(H2Configuration(client_side=True, **_TEST_CONFIG))
-        server = _Connection(H2Configuration(client_side=False, **_TEST_CONFIG))
-        client.initiate_connection()
-        server.initiate_connection()
-        server.receive_data(client.data_to_send())
-        client.receive_data(server.data_to_send())
-        server.receive_data(client.data_to_send())
-        return client, server
+        return _connected_pair()
 
     def test_informational_then_final(self):
         client, server = self._pair()

@@ -6,7 +6,7 @@ on a L{Clock}.
 from random import Random
 
 from prometheus_client import generate_latest
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -18,7 +18,7 @@ from linkproxy.core.endpoint import Endpoint
 from linkproxy.core.errors import NoEndpoints
 from linkproxy.discovery.cache import ResolutionCache
 from linkproxy.interfaces import ILease, IRouter
-from linkproxy.routing import BalancedLease, BalancedRouter, FixedRouter, RouterService
+from linkproxy.routing import BalancedLease, BalancedRouter, FixedRouter, RouterService, route_request
 from linkproxy.testing import FakeDiscovery
 
 A = ("127.0.0.1", 8081)
@@ -408,3 +408,52 @@ class FixedRouterTests(unittest.TestCase):
         router = FixedRouter(None)
         self.failureResultOf(router.route("web:80"), NoEndpoints)
         self.assertRaises(NoEndpoints, router.route_now, "web:80")
+
+
+class RouteRequestTests(unittest.SynchronousTestCase):
+    """
+    L{route_request} answers at once when C{route_now} can, and otherwise through C{route}'s Deferred.
+    """
+
+    def setUp(self):
+        self.calls = []
+        self.now = lambda lease: self.calls.append(("now", lease))
+        self.later = lambda lease: self.calls.append(("later", lease))
+        self.failed = lambda failure: self.calls.append(("failed", failure.value))
+
+    def _router(self, deferred):
+        router = FixedRouter(Endpoint(A))
+        router.route = lambda authority: deferred
+        return router
+
+    def test_at_once(self):
+        router = FixedRouter(Endpoint(A))
+        self.assertIsNone(route_request(router, router.route_now, "web:80", self.now, self.later, self.failed))
+        [(how, lease)] = self.calls
+        self.assertEqual((how, lease.endpoint), ("now", Endpoint(A)))
+
+    def test_fails_at_once(self):
+        router = FixedRouter(None)
+        self.assertIsNone(route_request(router, router.route_now, "web:80", self.now, self.later, self.failed))
+        [(how, error)] = self.calls
+        self.assertEqual(how, "failed")
+        self.assertIsInstance(error, NoEndpoints)
+
+    def test_waits(self):
+        """
+        Without C{route_now}, or when it returns C{None}, the Deferred is returned until it fires.
+        """
+        router = FixedRouter(Endpoint(A))
+        for route_now in (None, lambda authority: None):
+            self.calls = []
+            waiting = Deferred()
+            router.route = lambda authority: waiting
+            self.assertIs(route_request(router, route_now, "web:80", self.now, self.later, self.failed), waiting)
+            self.assertEqual(self.calls, [])
+            waiting.callback("lease")
+            self.assertEqual(self.calls, [("later", "lease")])
+
+    def test_fired_deferred_not_returned(self):
+        router = self._router(fail(NoEndpoints("none")))
+        self.assertIsNone(route_request(router, None, "web:80", self.now, self.later, self.failed))
+        self.assertEqual([how for how, _ in self.calls], ["failed"])

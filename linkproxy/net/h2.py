@@ -62,7 +62,6 @@ from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFram
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable
@@ -70,6 +69,7 @@ from linkproxy.core.grpc import error_response, grpc_status
 from linkproxy.core.headers import CLIENT_ID, DST_OVERRIDE, HOP_BY_HOP, connection_tokens, normalize_authority
 from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import set_nodelay
+from linkproxy.routing import route_request
 
 log = Logger(namespace="linkproxy.net.h2")
 
@@ -406,25 +406,10 @@ def _header_frames(stream_id, block, max_size, end_stream):
     ]
 
 
-class _ReceivedHeaders(HeadersFrame):
+class _Received:
     """
-    A HEADERS frame read by L{_FrameBuffer}: parsed by hyperframe, without its per-frame set-up.
-    """
-
-    def __init__(self, stream_id):
-        self.stream_id = stream_id
-        self.flags = set()
-        self.body_len = 0
-        self.pad_length = 0
-        self.depends_on = 0
-        self.stream_weight = 0
-        self.exclusive = False
-        self.data = b""
-
-
-class _ReceivedData(DataFrame):
-    """
-    A DATA frame read by L{_FrameBuffer}: parsed by hyperframe, without its per-frame set-up.
+    A frame read by L{_FrameBuffer}, parsed by hyperframe's C{parse_body}, without hyperframe's per-frame set-up:
+    its flags are a plain set of the flag names.
     """
 
     def __init__(self, stream_id):
@@ -433,6 +418,17 @@ class _ReceivedData(DataFrame):
         self.body_len = 0
         self.pad_length = 0
         self.data = b""
+
+
+class _ReceivedHeaders(_Received, HeadersFrame):
+    # Set by parse_body when the frame carries priority data.
+    depends_on = 0
+    stream_weight = 0
+    exclusive = False
+
+
+class _ReceivedData(_Received, DataFrame):
+    pass
 
 
 _RECEIVED = {
@@ -983,19 +979,9 @@ class _Stream:
         server = self.server
         self.authority = authority
         self.timer = server._reactor.callLater(server.settings.response_timeout, self._timed_out)
-        route_now = server._route_now
-        if route_now is not None:
-            try:
-                lease = route_now(authority)
-            except Exception:
-                self._route_failed(Failure())
-                return
-            if lease is not None:
-                # Within an event: the flusher writes when the event is done.
-                self._routed(lease)
-                return
-        d = server.settings.router.route(authority)
-        d.addCallbacks(self._routed, self._route_failed)
+        # At once or later, _routed flushes; within an event the flusher waits for the event's end.
+        route_request(server.settings.router, server._route_now, authority, self._routed, self._routed,
+                      self._route_failed)
 
     def _routed(self, lease):
         self.lease = lease

@@ -42,6 +42,7 @@ from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, Respo
 from linkproxy.core.headers import normalize_authority
 from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import direct_writer, set_nodelay
+from linkproxy.routing import route_request
 
 log = Logger(namespace="linkproxy.net.http1")
 
@@ -487,19 +488,10 @@ class Http1ServerProtocol(Protocol):
         self._deadline = now + self.settings.response_timeout
         if self._timer is None:
             self._timer = self._reactor.callLater(self.settings.response_timeout, self._on_timer)
-        route_now = self._route_now
-        if route_now is not None:
-            try:
-                lease = route_now(authority)
-            except Exception:
-                self._route_failed(Failure())
-                return
-            if lease is not None:
-                # Parsing (or replaying held events) is under way: its caller flushes when it is done.
-                self._dispatch(lease)
-                return
-        d = self._routing = self._router.route(authority)
-        d.addCallbacks(self._routed, self._route_failed)
+        # A lease known at once is dispatched within the parse (or the replay of held events), whose caller
+        # flushes when it is done; a later one flushes itself (_routed).
+        self._routing = route_request(self._router, self._route_now, authority, self._dispatch, self._routed,
+                                      self._route_failed)
 
     def _routed(self, lease):
         # route()'s Deferred fired; the exchange may have ended while it waited.

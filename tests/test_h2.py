@@ -1185,3 +1185,33 @@ class LeanStreamTests(SynchronousTestCase):
         server.receive_data(client.data_to_send())
         server.drop_closed(3)
         self.assertIn(3, server.streams)
+
+
+class ClosedStreamsTests(SynchronousTestCase):
+    """
+    A connection remembers a bounded number of closed streams: recent resets are still answered per stream.
+    """
+
+    def test_bounded(self):
+        client, server = _connected_pair()
+        request = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")]
+        for i in range(h2_module.CLOSED_STREAMS_KEPT + 50):
+            sid = 2 * i + 1
+            client.send_headers(sid, request, end_stream=True)
+            server.receive_data(client.data_to_send())
+            server.send_headers(sid, [(b":status", b"204")], end_stream=True)
+            client.receive_data(server.data_to_send())
+            server.drop_closed(sid)
+            client.drop_closed(sid)
+        self.assertEqual(len(server._closed_streams), h2_module.CLOSED_STREAMS_KEPT)
+        self.assertEqual(len(client._closed_streams), h2_module.CLOSED_STREAMS_KEPT)
+        self.assertEqual(len(server.streams), 0)
+        # A stream reset just now still gets RST_STREAM for a late DATA frame.
+        sid += 2
+        client.send_headers(sid, request)
+        server.receive_data(client.data_to_send())
+        server.reset_stream(sid, ErrorCodes.CANCEL)
+        server.drop_closed(sid)
+        server.data_to_send()
+        server.receive_data(DataFrame(sid, data=b"late").serialize())
+        self.assertEqual(server.data_to_send()[3], 0x3)

@@ -52,6 +52,7 @@ from h2.exceptions import (
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream, StreamInputs, StreamState
+from h2.utilities import SizeLimitDict
 from hpack import Decoder, HPACKDecodingError, InvalidTableSizeError, NeverIndexedHeaderTuple, OversizedHeaderListError
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
@@ -81,6 +82,9 @@ STREAM_WINDOW = 65535
 CONNECTION_WINDOW = 1 << 20
 #: Streams assumed available on an upstream connection until its SETTINGS arrive (RFC 9113 suggests >= 100).
 UPSTREAM_INITIAL_STREAMS = 100
+#: Closed streams a connection remembers, to answer a late frame on a stream it reset with RST_STREAM rather
+#: than a connection error. h2 keeps 65,536 (about 8 MiB per long-lived connection); hyper's h2 keeps 10.
+CLOSED_STREAMS_KEPT = 1024
 #: Upper bound on streams the proxy opens on one upstream connection, whatever the endpoint allows.
 UPSTREAM_MAX_STREAMS = 1000
 # Past this stream id an upstream connection is retired before h2 runs out of ids (2**31 - 1).
@@ -542,8 +546,9 @@ class _Connection(H2Connection):
     An L{H2Connection} on which GOAWAY is graceful: the frame is reported as L{ConnectionTerminated} but the
     connection stays open, so streams the GOAWAY lets finish can finish.
 
-    It also counts open streams lazily (L{_open_streams}), makes its streams L{_LeanStream}s, and does not
-    build a trace message for every frame received (L{_receive_frame}).
+    It also counts open streams lazily (L{_open_streams}), makes its streams L{_LeanStream}s, does not build a
+    trace message for every frame received (L{_receive_frame}), and remembers only the last
+    L{CLOSED_STREAMS_KEPT} closed streams.
 
     These override private methods of h2, whose version C{setup.cfg} bounds for that reason; the tests in
     C{tests/test_h2.py} and the interop tests exercise each of them.
@@ -556,6 +561,7 @@ class _Connection(H2Connection):
         H2Connection.__init__(self, config=config)
         self._outbound_parity = int(config.client_side)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        self._closed_streams = SizeLimitDict(size_limit=CLOSED_STREAMS_KEPT)
         self._frame_dispatch_table[_ReceivedHeaders] = self._receive_headers_frame
         self._frame_dispatch_table[_ReceivedData] = self._receive_data_frame
 

@@ -224,6 +224,47 @@ class Http2InteropTests(TestCase):
                                   "--data-binary", "x" * 100000, url], capture_output=True, timeout=30)
             self.assertRegex(out.stdout.decode(), r"^h2 /[oi] 100000 bytes$", out.stderr)
 
+    def test_h2_garbage_closes_that_connection_and_is_counted(self):
+        """
+        HTTP/2 frames that break the protocol (HEADERS on stream 0, a frame over the maximum size) get a GOAWAY
+        and a close for that connection alone; each is counted in C{tcp_protocol_error_total}, and curl keeps
+        being served.
+        """
+        need("curl")
+        server = NodeH2Server(self)
+        proxy = Proxy(self, {"app": f"tcp:host=127.0.0.1:port={server.port}"})
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        headers_on_stream_0 = b"\x00\x00\x01\x01\x04\x00\x00\x00\x00\x82"
+        oversized_data = b"\x00\x40\x01\x00\x00\x00\x00\x00\x01" + b"x" * 16385
+        survivor = socket.create_connection(("127.0.0.1", proxy.ports["outbound"]), timeout=10)
+        self.addCleanup(survivor.close)
+        survivor.sendall(preface)
+        for garbage in (headers_on_stream_0, oversized_data):
+            with socket.create_connection(("127.0.0.1", proxy.ports["outbound"]), timeout=10) as s:
+                s.sendall(preface + garbage)
+                got = b""
+                while True:  # bounded by the socket timeout: the proxy must close
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+            frames = _h2_frame_types(got)
+            self.assertIn(0x7, frames, got)  # GOAWAY
+        self.assertEqual(proxy.metric("tcp_protocol_error_total", direction="outbound", protocol="h2"), 2)
+        self.assertEqual(proxy.metric("tcp_protocol_error_total", direction="outbound", protocol="h2",
+                                      error="frame_too_large"), 1)
+        # The other client's connection is untouched (it answers a PING), and new requests are served.
+        survivor.sendall(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"survivor")
+        got = b""
+        while b"\x00\x00\x08\x06\x01\x00\x00\x00\x00survivor" not in got:
+            chunk = survivor.recv(65536)  # bounded by the socket timeout
+            self.assertTrue(chunk, "the proxy closed a connection that sent no garbage")
+            got += chunk
+        out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "--max-time", "20",
+                              "-H", f"Host: 127.0.0.1:{server.port}", proxy.url("outbound", "/after")],
+                             capture_output=True, timeout=30)
+        self.assertEqual(out.stdout.decode(), "h2 /after 0 bytes", out.stderr)
+
     def test_node_client_both_directions(self):
         """
         Node's http2 client, with its own :authority, gets the Node server's answer through each listener.
@@ -389,6 +430,18 @@ def _echo_length_http(conn):
             n += len(conn.recv(65536))
     body = b"%d bytes" % n
     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+
+
+def _h2_frame_types(data):
+    """
+    The types of the HTTP/2 frames in C{data}, a server's bytes from the start of a connection.
+    """
+    types = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        types.append(data[3])
+        data = data[9 + length:]
+    return types
 
 
 def _read_response(sock):

@@ -36,6 +36,7 @@ Where this module departs from h2's defaults, and why:
     configured one and answers 431 to a block over the configured limit, so one bad request costs one stream.
 """
 
+import re
 import struct
 from collections import deque
 
@@ -1424,6 +1425,7 @@ class H2ServerProtocol(_H2Side):
 
     def _protocol_error(self, error):
         log.debug("HTTP/2 protocol error from client: {error}", error=error)
+        _count_protocol_error(self.settings, error)
 
     def _after_events(self):
         self._maybe_close()
@@ -1577,6 +1579,29 @@ class H2ServerProtocol(_H2Side):
         return route
 
 
+def _error_label(error):
+    """
+    A bounded label for an h2 protocol error: its class name in snake case (C{FrameTooLargeError} becomes
+    C{frame_too_large}); h2's exception classes are a fixed set.
+    """
+    name = type(error).__name__
+    label = _ERROR_LABELS.get(name)
+    if label is None:
+        label = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", name).lower()
+        if label.endswith("_error") and label != "protocol_error":
+            label = label[:-len("_error")]
+        _ERROR_LABELS[name] = label
+    return label
+
+
+_ERROR_LABELS = {}
+
+
+def _count_protocol_error(settings, error):
+    # The connection closes for it: count it as garbage on the HTTP layer, like TLS and transport-header errors.
+    settings.metrics.tcp_protocol_error_total.labels(settings.direction, "h2", _error_label(error)).inc()
+
+
 def _pump_waiting(proto):
     waiting = proto.waiting
     if waiting:
@@ -1657,6 +1682,7 @@ class _H2ClientProtocol(_H2Side):
 
     def _protocol_error(self, error):
         log.info("HTTP/2 protocol error from {key}: {error}", key=self.key, error=error)
+        _count_protocol_error(self._pool._settings, error)
 
     def _after_events(self):
         self._check_idle()

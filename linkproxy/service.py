@@ -95,7 +95,7 @@ def freeze_startup_heap():
     Collect the start-up garbage, then move every object still alive into the collector's permanent
     generation (C{gc.freeze}).
 
-    The modules, configuration and plugins loaded at start-up are some hundred thousand objects that live as
+    The modules, configuration and plugins loaded at start-up are some fifty thousand objects that live as
     long as the process. CPython's full collections walk all of them, and under load those walks were the
     proxy's longest pauses: with them frozen, the HTTP/2 bench's p99 at load fell from about 31 ms to about
     12 ms, at the same throughput (see C{docs/benchmarks.md}). Objects made later are collected as usual.

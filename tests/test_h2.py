@@ -1053,15 +1053,39 @@ class FrameBufferTests(SynchronousTestCase):
     L{_FrameBuffer} reads the same frames as h2's C{FrameBuffer}, and fails the same way.
     """
 
+    def assertSameReading(self, wire, max_frame_size=16384):
+        """
+        The same frames, then the same error class or none; except that L{_FrameBuffer} refuses an oversized
+        frame as soon as its header is in, where h2 waits for the whole frame (which may never come) or first
+        finds another fault in its header. Either way it is a connection error.
+        """
+        ours, theirs = _drain(_FrameBuffer(), wire, max_frame_size), _drain(FrameBuffer(), wire, max_frame_size)
+        if ours[1] is FrameTooLargeError:
+            self.assertEqual(ours[0], theirs[0])
+            self.assertTrue(theirs[1] is None or issubclass(theirs[1], ProtocolError), theirs)
+        else:
+            self.assertEqual(ours, theirs)
+
     @given(st.lists(_frames(), max_size=12).map(lambda groups: [f for g in groups for f in g]))
     def test_same_frames(self, frames):
-        wire = b"".join(f.serialize() for f in frames)
-        self.assertEqual(_drain(_FrameBuffer(), wire), _drain(FrameBuffer(), wire))
+        self.assertSameReading(b"".join(f.serialize() for f in frames))
 
-    @given(st.binary(max_size=80))
-    def test_same_on_garbage(self, wire):
-        # Any byte string: the same frames, then the same error class, or none.
-        self.assertEqual(_drain(_FrameBuffer(), wire), _drain(FrameBuffer(), wire))
+    @given(st.binary(max_size=80), st.sampled_from([16, 16384]))
+    def test_same_on_garbage(self, wire, max_frame_size):
+        self.assertSameReading(wire, max_frame_size)
+
+    def test_oversized_refused_at_its_header(self):
+        """
+        A frame header announcing more than the maximum frame size is an error at once, for every frame type,
+        before any of its body is buffered.
+        """
+        for kind in (0x0, 0x1, 0x6, 0x9, 0xEE):
+            buffer = _FrameBuffer()
+            buffer.max_frame_size = 16384
+            buffer.add_data(b"\xff\xff\xff" + bytes((kind,)) + b"\x00\x00\x00\x00\x01")
+            self.assertRaises(FrameTooLargeError, list, buffer)
+        # Oversized and on stream 0: h2 calls it a protocol error, linkproxy a size error; both end the connection.
+        self.assertSameReading(b"\x00\x00\x20\x01\x04\x00\x00\x00\x00" + b"x" * 32, max_frame_size=16)
 
     def test_errors(self):
         stream_zero = b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"

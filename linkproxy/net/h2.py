@@ -447,6 +447,10 @@ class _FrameBuffer(FrameBuffer):
     h2's frame buffer, with the two frames of every request (HEADERS and DATA) made as L{_ReceivedHeaders} and
     L{_ReceivedData}: the same checks and hyperframe's parsing of the body, at a third of the cost. Every other
     frame goes through h2's own code.
+
+    A frame longer than the maximum frame size is refused as soon as its header arrives. h2 waits for the whole
+    frame first, so a peer announcing a 16 MiB frame could make it buffer that much per connection; here what is
+    buffered stays within one frame of the size we allow.
     """
 
     def __next__(self):
@@ -454,13 +458,13 @@ class _FrameBuffer(FrameBuffer):
         if len(data) < 9:
             raise StopIteration
         hi, lo, kind, flag_byte, stream_id = _FRAME_HEADER.unpack_from(data)
+        length = (hi << 8) + lo
+        self._validate_frame_length(length)
         lean = _RECEIVED.get(kind)
         if lean is None:
             return FrameBuffer.__next__(self)
-        length = (hi << 8) + lo
         if len(data) < length + 9:
             raise StopIteration
-        self._validate_frame_length(length)
         stream_id &= 0x7FFFFFFF
         if not stream_id:
             raise ProtocolError("Received frame with invalid header: a DATA or HEADERS frame on stream 0")

@@ -1298,11 +1298,29 @@ class _H2Side(Protocol):
     What both ends of the proxy's HTTP/2 connections share: feeding received bytes to h2 and dispatching its
     events (with writes gathered into one flush), and pausing when the peer stops reading.
 
-    Subclasses provide C{conn}, C{_handlers}, C{_flusher}, C{_mark}, C{_close_soon}, and the two hooks below.
+    Subclasses provide C{conn}, C{_handlers}, C{_flusher}, C{_dirty}, C{_closing}, and the two hooks below.
     """
 
     alive = False
     blocked = False
+
+    def _mark(self):
+        """
+        Have the flusher write what h2 queued for this connection, at the end of the event.
+        """
+        if not self._dirty:
+            self._dirty = True
+            self._flusher.dirty.append(self)
+
+    def _close_soon(self):
+        """
+        Close once the frames already queued (RST_STREAM, GOAWAY) are written.
+        """
+        if not self._closing:
+            self._closing = True
+            self._mark()
+            self._flusher.closing.append(self)
+            self._flusher.flush()
 
     def _protocol_error(self, error):
         """
@@ -1555,11 +1573,6 @@ class H2ServerProtocol(_H2Side):
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def _mark(self):
-        if not self._dirty:
-            self._dirty = True
-            self._flusher.dirty.append(self)
-
     def _forget(self, sid):
         self._streams.pop(sid, None)
         self.conn.drop_closed(sid)
@@ -1569,13 +1582,6 @@ class H2ServerProtocol(_H2Side):
     def _maybe_close(self):
         if self.alive and not self._streams and (self._draining or self._peer_goaway):
             self._close_soon()
-
-    def _close_soon(self):
-        if not self._closing:
-            self._closing = True
-            self._mark()
-            self._flusher.closing.append(self)
-            self._flusher.flush()
 
     def _route(self, authority, endpoint):
         key = (authority, endpoint.address if endpoint is not None else None)
@@ -1590,17 +1596,10 @@ def _error_label(error):
     A bounded label for an h2 protocol error: its class name in snake case (C{FrameTooLargeError} becomes
     C{frame_too_large}); h2's exception classes are a fixed set.
     """
-    name = type(error).__name__
-    label = _ERROR_LABELS.get(name)
-    if label is None:
-        label = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", name).lower()
-        if label.endswith("_error") and label != "protocol_error":
-            label = label[:-len("_error")]
-        _ERROR_LABELS[name] = label
+    label = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", type(error).__name__).lower()
+    if label.endswith("_error") and label != "protocol_error":
+        label = label[:-len("_error")]
     return label
-
-
-_ERROR_LABELS = {}
 
 
 def _count_protocol_error(settings, error):
@@ -1767,23 +1766,11 @@ class _H2ClientProtocol(_H2Side):
 
     # -- pool bookkeeping --------------------------------------------------------------------------------------
 
-    def _mark(self):
-        if not self._dirty:
-            self._dirty = True
-            self._flusher.dirty.append(self)
-
     def _forget(self, uid):
         self._streams.pop(uid, None)
         self.conn.drop_closed(uid)
         if not self._streams:
             self._check_idle()
-
-    def _close_soon(self):
-        if not self._closing:
-            self._closing = True
-            self._mark()
-            self._flusher.closing.append(self)
-            self._flusher.flush()
 
     def _check_idle(self):
         if self._streams or not self.alive or self._closing:

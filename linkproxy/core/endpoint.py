@@ -27,6 +27,13 @@ class Endpoint:
     identity: Optional[str] = None
     proxy: Optional[Address] = None
     protocol: Optional[str] = None
+    pool_key: tuple = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        # Everything that makes a connection to this endpoint what it is: where it goes and whether it is mTLS
+        # to a peer proxy with which identity. Pools key by it, so a plain and a meshed entry for one address
+        # never share a connection (a shared one would silently bypass, or wrongly use, the peer's proxy).
+        object.__setattr__(self, "pool_key", (self.address, self.identity, self.proxy))
 
     @property
     def meshed(self) -> bool:

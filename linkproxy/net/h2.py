@@ -1584,7 +1584,7 @@ class H2ServerProtocol(_H2Side):
             self._close_soon()
 
     def _route(self, authority, endpoint):
-        key = (authority, endpoint.address if endpoint is not None else None)
+        key = (authority, endpoint.pool_key if endpoint is not None else None)
         route = self._routes.get(key)
         if route is None:
             route = self._routes[key] = route_metrics(self.settings, self.peer, authority, endpoint)
@@ -1821,7 +1821,8 @@ class H2Pool:
     """
     Multiplexed HTTP/2 client connections to endpoints, shared by every accepted connection of one direction.
 
-    There is one connection per endpoint address, used by every stream, and another only when that one has
+    There is one connection per endpoint (keyed by L{Endpoint.pool_key}: address, identity and proxy), used by
+    every stream, and another only when that one has
     received GOAWAY or has reached the endpoint's concurrent-stream limit. Connections idle for
     C{settings.pool_idle_timeout} seconds are closed.
     """
@@ -1846,8 +1847,8 @@ class H2Pool:
         """
         if address is None:
             return len(self._all) + len(self._connecting)
-        n = sum(1 for c in self._all if c.key == address)
-        return n + (1 if address in self._connecting else 0)
+        n = sum(1 for c in self._all if c.key[0] == address)
+        return n + sum(1 for key in self._connecting if key[0] == address)
 
     def close(self):
         """
@@ -1863,7 +1864,7 @@ class H2Pool:
     def _dispatch(self, stream, endpoint):
         if endpoint is None:
             endpoint = stream.lease.endpoint
-        key = endpoint.address
+        key = endpoint.pool_key
         for conn in self._conns.get(key, ()):
             if conn.has_capacity():
                 conn.open_stream(stream)

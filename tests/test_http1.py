@@ -689,15 +689,19 @@ class ErrorTests(SynchronousTestCase):
 
     def test_connect_failure_502(self):
         """
-        A failed connect answers 502 and releases the lease as a failure.
+        A failed connect is retried (nothing was sent); when every attempt fails the answer is 502, and each
+        attempt's lease is released as a failure.
         """
         h = _Harness(auto=False)
         h.server.dataReceived(GET)
-        h.connector.refuse()
+        for attempt in range(3):
+            self.assertEqual(h.responses(), [])
+            h.connector.refuse()
         [(status, headers, _)] = h.responses()
         self.assertEqual(status, 502)
         self.assertIn(b"10.0.0.1:8080", headers[b"l5d-proxy-error"])
-        self.assertEqual(h.router.leases[0].outcomes, [False])
+        self.assertEqual([lease.outcomes for lease in h.router.leases], [[False]] * 3)
+        self.assertEqual(len(h.connector.connects), 3)
 
     def test_timeout_504(self):
         """
@@ -729,13 +733,16 @@ class ErrorTests(SynchronousTestCase):
 
     def test_reset_before_response_502(self):
         """
-        A fresh upstream connection closing before any response byte gives 502 (no retry: it was not reused).
+        A fresh upstream connection closing before any response byte: a GET is sent again (another endpoint
+        when there is one), at most three attempts in all, then 502.
         """
         h = _Harness()
         h.server.dataReceived(GET)
-        h.up().connectionLost(Failure(ConnectionLost()))
+        for attempt in range(3):
+            self.assertEqual(h.responses(), [])
+            h.up().connectionLost(Failure(ConnectionLost()))
         self.assertEqual(h.responses()[0][0], 502)
-        self.assertEqual(len(h.connector.connects), 1)
+        self.assertEqual(len(h.connector.connects), 3)
 
 
 class RetryTests(SynchronousTestCase):
@@ -789,13 +796,17 @@ class RetryTests(SynchronousTestCase):
 
     def test_retried_once(self):
         """
-        The fresh connection failing too is a 502, not another retry.
+        The stale pooled connection is replaced once on the same endpoint; after that, failures are the
+        endpoint's and count as attempts (three in all), then 502.
         """
         h = self._pooled()
         h.server.dataReceived(GET)
         h.up().connectionLost(Failure(ConnectionDone()))
         h.up().connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(len(h.connector.connects), 2)
+        h.up().connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(h.responses(), [])
+        h.up().connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(h.connector.connects), 4)
         self.assertEqual(h.responses()[0][0], 502)
 
 

@@ -60,7 +60,9 @@ class CurlTests(TestCase):
         out = await self._curl("-i", "-x", f"http://{host}:{port}", "http://web.test:8080/p?q=1")
         self.assertIn(b"x-backend: yes", out)
         self.assertEqual(lb.router.authorities, ["web.test:80", "web.test:8080"])
-        self.assertEqual(lb.backend.requests[1]["url"], b"http://web.test:8080/p?q=1")
+        # Towards an origin server the absolute-form target becomes origin-form, Host rebuilt (RFC 9112 3.2).
+        self.assertEqual(lb.backend.requests[1]["url"], b"/p?q=1")
+        self.assertEqual(lb.backend.requests[1]["headers"].get(b"host"), b"web.test:8080")
 
     async def test_post_large_chunked(self):
         """

@@ -69,3 +69,12 @@ REASON_PHRASES = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+
+
+def blames_endpoint(error):
+    """
+    C{True} when C{error} is the endpoint's failure (it could not be reached, reset, or was too slow), which
+    failure accrual counts; the proxy's rejections of a client (400, 403, 431) and a target with no endpoints
+    (503) say nothing about any endpoint.
+    """
+    return isinstance(error, (Unreachable, ResponseTimeout))

@@ -185,6 +185,30 @@ def split_absolute_form(target):
     return rest[:end], port
 
 
+def origin_form(target, headers):
+    """
+    The origin-form of an absolute-form request, as a proxy sends it on to an origin server (RFC 9112
+    3.2.1): the path and query alone, with C{Host} replaced by the target's authority (3.2.2).
+
+    @param target: an absolute-form request-target, e.g. C{b"http://web:8080/a?b"}.
+    @param headers: the request's C{(name, value)} pairs (not changed).
+    @return: C{(target, headers)}; both unchanged when C{target} is not absolute-form http(s).
+    """
+    split = split_absolute_form(target)
+    if split is None:
+        return target, headers
+    authority = split[0]
+    rest = target[target.find(b"://") + 3 + len(authority):]
+    fragment = rest.find(b"#")
+    if fragment >= 0:
+        rest = rest[:fragment]
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    out = [(b"host", authority)]
+    out += [pair for pair in headers if pair[0] != b"host"]
+    return rest, out
+
+
 def request_authority(target, host, method=b"GET"):
     """
     The logical target of a request: the authority of an absolute-form URI, else the C{Host} header.

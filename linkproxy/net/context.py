@@ -26,6 +26,9 @@ class HttpSettings:
     @ivar h2_pool: the HTTP/2 client connections shared by this direction (created by the HTTP/2 module).
     @ivar dst_override: route by a request's C{l5d-dst-override} header when it has one (C{--dst-override},
         outbound only).
+    @ivar profiles: the live L{linkproxy.discovery.profiles.Profiles}, or C{None}.
+    @ivar stack: the direction's L{linkproxy.layers.stack.RequestStack} over C{router}; built from the fields
+        above when not given (or when a copy of the settings has another router).
     """
 
     direction: str
@@ -41,6 +44,15 @@ class HttpSettings:
     h1_pool: Optional[Any] = None
     h2_pool: Optional[Any] = None
     dst_override: bool = False
+    profiles: Optional[Any] = None
+    stack: Optional[Any] = None
+
+    def __post_init__(self):
+        stack = self.stack
+        if stack is None or stack.balance.router is not self.router:
+            from linkproxy.layers.stack import RequestStack
+            self.stack = RequestStack(self.direction, self.router, self.metrics, self.response_timeout,
+                                      profiles=self.profiles)
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from linkproxy.core import http1 as h1
-from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable
+from linkproxy.core.classify import is_failure
+from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable, \
+    blames_endpoint
 from linkproxy.core.headers import normalize_authority
+from linkproxy.layers.stack import CONNECT, RESET, RESPONSE
 from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import direct_writer, set_nodelay
-from linkproxy.routing import route_request
 
 log = Logger(namespace="linkproxy.net.http1")
 
@@ -104,9 +106,8 @@ class Http1ServerProtocol(Protocol):
             pool = settings.h1_pool = Http1Pool(settings)
         self._pool = pool
         self._reactor = settings.reactor
-        self._router = router = settings.router
-        # The router's synchronous fast path, when it has one (see linkproxy.routing): no Deferred per request.
-        self._route_now = getattr(router, "route_now", None)
+        self._stack = settings.stack
+        self._outbound = settings.direction == "outbound"
         self._max_head = settings.max_header_bytes
         self._client_id = peer.client_id
         self._routes = {}
@@ -149,9 +150,13 @@ class Http1ServerProtocol(Protocol):
         self._body_sent = False
         self._pending_up = None
         self._pending_bytes = 0
+        self._req_headers = None
+        self._absolute = False
+        self._call = None
         self._replay = None
         self._replay_bytes = 0
         self._retried = False
+        self._up_reused = False
         self._lease = None
         self._released = False
         self._route_metrics = None
@@ -201,11 +206,10 @@ class Http1ServerProtocol(Protocol):
             splice.peer_closed()
             return
         self._cancel_upstream()
-        if self._busy and not self._released and self._lease is not None:
+        if self._busy:
             # The client gave up before the response head: that says nothing about the endpoint (a load
             # generator stopping must not eject it), so the outcome is "cancelled".
-            self._released = True
-            self._lease.release(None)
+            self._release(None)
 
     def drain(self):
         """
@@ -484,14 +488,24 @@ class Http1ServerProtocol(Protocol):
             headers.append((b"upgrade", req.upgrade))
         if framing is not None:
             headers.append(framing)
-        self._pending_up = [h1.serialize_request_head(method, target, headers)]
-        self._deadline = now + self.settings.response_timeout
-        if self._timer is None:
-            self._timer = self._reactor.callLater(self.settings.response_timeout, self._on_timer)
+        # The head is written per attempt, for its endpoint (_head_for): an absolute-form target goes to an
+        # origin server in origin-form, and to a peer proxy as the app sent it.
+        self._req_headers = headers
+        self._absolute = target[:1] != b"/"
+        self._pending_up = []
+        self._replay = []
+        call = self._call = self._stack.begin(authority, method, target, now)
+        timeout = call.timeout
+        self._deadline = now + timeout
+        timer = self._timer
+        if timer is None:
+            self._timer = self._reactor.callLater(timeout, self._on_timer)
+        elif timer.getTime() > self._deadline:
+            # A route timeout shorter than the listener's.
+            timer.reset(timeout)
         # A lease known at once is dispatched within the parse (or the replay of held events), whose caller
         # flushes when it is done; a later one flushes itself (_routed).
-        self._routing = route_request(self._router, self._route_now, authority, self._dispatch, self._routed,
-                                      self._route_failed)
+        self._routing = call.pick(self._dispatch, self._routed, self._route_failed)
 
     def _routed(self, lease):
         # route()'s Deferred fired; the exchange may have ended while it waited.
@@ -506,14 +520,17 @@ class Http1ServerProtocol(Protocol):
     def _dispatch(self, lease):
         # Send the request to the lease's endpoint, on a pooled connection or a new one; the caller flushes.
         self._lease = lease
+        self._released = False
         endpoint = lease.endpoint
-        key = (self._authority, endpoint.address)
+        key = (self._authority, endpoint.pool_key)
         rm = self._routes.get(key)
         if rm is None:
             rm = self._route_for(self._authority, endpoint, key)
         self._route_metrics = rm
-        rm.requests.inc()
-        conn = self._upstream_pool().checkout(endpoint, self._t0)
+        if self._call.attempts == 1:
+            # One request in the golden metrics, however many attempts it takes.
+            rm.requests.inc()
+        conn = self._upstream_pool().checkout(endpoint, self._reactor.seconds())
         if conn is not None:
             self._attach(conn, True)
         else:
@@ -560,37 +577,71 @@ class Http1ServerProtocol(Protocol):
         self._connecting = None
         if self._disconnected or not self._busy or failure.check(CancelledError):
             return
-        address = self._lease.endpoint.addr_str if self._lease is not None else "?"
-        self._fail(Unreachable(f"connect to {address} failed: {_short(failure.value)}"))
+        endpoint = self._lease.endpoint
+        # Nothing was written: another endpoint gets the request as it is.
+        if self._may_retry(CONNECT, endpoint, True):
+            self._next_attempt(False)
+        else:
+            self._fail(Unreachable(f"connect to {endpoint.addr_str} failed: {_short(failure.value)}"))
         self._flush_all()
+
+    def _release(self, success):
+        if not self._released and self._lease is not None:
+            self._released = True
+            self._lease.release(success)
+
+    def _may_retry(self, kind, endpoint, replayable):
+        # The attempt on endpoint failed before its response reached the client; the call decides.
+        self._release(False)
+        now = self._reactor.seconds()
+        if self._deadline is not None and now >= self._deadline:
+            return False
+        safe = not self._req_has_body or h1.is_idempotent(self._method)
+        return self._call.retry(kind, now, endpoint, safe, replayable)
+
+    def _next_attempt(self, replay):
+        # Route the request again (the call avoids the endpoint that failed), resending what was sent.
+        self._lease = None
+        if replay:
+            self._pending_up = list(self._replay)
+            self._pending_bytes = self._replay_bytes
+        self._routing = self._call.pick(self._dispatch, self._routed, self._route_failed)
+
+    def _head_for(self, endpoint):
+        target, headers = self._target, self._req_headers
+        if self._absolute and not (self._outbound and endpoint.meshed and self.settings.connector.meshed):
+            target, headers = h1.origin_form(target, headers)
+        return h1.serialize_request_head(self._method, target, headers)
 
     def _attach(self, conn, reused):
         self._up = conn
+        self._up_reused = reused
         conn.attach(self, self._method)
         if self._down_full:
             conn.pause_reading()
         pending, self._pending_up = self._pending_up, None
-        if reused and not self._retried:
-            # Kept so a request that meets a stale connection can be sent again (see _upstream_lost).
-            self._replay = pending
-            self._replay_bytes = self._pending_bytes
         if self._pending_bytes:
             self._pending_bytes = 0
             if self._held_bytes <= MAX_HELD_BYTES:
                 self._resume_reading(_R_HOLD)
-        conn.out.extend(pending)
+        out = conn.out
+        out.append(self._head_for(conn.endpoint))
+        if pending:
+            out += pending
 
     def _send_up(self, pieces, size):
-        # Body bytes go to the upstream, or wait for it (bounded) while it is being chosen or connected.
+        # Body bytes go to the upstream, or wait for it (bounded) while it is being chosen or connected. Up to
+        # MAX_REPLAY_BYTES of them are also kept until the response head, so the request can be sent again.
+        replay = self._replay
+        if replay is not None:
+            self._replay_bytes += size
+            if self._replay_bytes > h1.MAX_REPLAY_BYTES:
+                self._replay = None
+            else:
+                replay += pieces
         up = self._up
         if up is not None:
             up.out += pieces
-            replay = self._replay
-            if replay is not None:
-                replay += pieces
-                self._replay_bytes += size
-                if self._replay_bytes > h1.MAX_REPLAY_BYTES:
-                    self._replay = None
         elif self._pending_up is not None:
             self._pending_up += pieces
             self._pending_bytes += size
@@ -624,7 +675,7 @@ class Http1ServerProtocol(Protocol):
             self._send_up((last,), len(last))
         if self._deadline is not None and self._req_has_body:
             # The client finished sending: the response timeout starts now.
-            self._deadline = self._reactor.seconds() + self.settings.response_timeout
+            self._deadline = self._reactor.seconds() + self._call.timeout
         if self._is_upgrade:
             # Nothing after an upgrade request is HTTP; its bytes go to _hold_raw.
             return
@@ -638,11 +689,22 @@ class Http1ServerProtocol(Protocol):
 
     def _response_head(self, conn, status, reason, resp):
         now = self._reactor.seconds()
+        if status >= 500 and is_failure(status, resp.grpc_status):
+            call = self._call
+            if call.route.retryable and self._req_complete and self._replay is not None and not self._is_upgrade:
+                call.answered(status, resp.grpc_status, (now - self._t0) * 1000.0)
+                if self._may_retry(RESPONSE, conn.endpoint, True):
+                    # This answer is dropped: the connection is mid-message, so it goes too.
+                    self._up = None
+                    conn.detach()
+                    conn.abort()
+                    self._next_attempt(True)
+                    return False
+            self._release(False)
+        else:
+            self._release(True)
         self._deadline = None
         self._replay = None
-        if not self._released:
-            self._released = True
-            self._lease.release(True)
         headers = resp.finish()
         if status == 101 and not self._is_upgrade:
             self._upstream_failed(conn, Unreachable("upstream switched protocols unasked"))
@@ -696,6 +758,10 @@ class Http1ServerProtocol(Protocol):
                 if name == b"grpc-status":
                     grpc = value.decode("ascii", "replace").strip()
         self._route_metrics.response(self._status, grpc, self._latency_ms)
+        call = self._call
+        if call.metrics is not None:
+            call.answered(self._status, grpc, self._latency_ms)
+            call.finished(self._status, grpc, self._latency_ms)
 
     def _after_response(self, conn):
         # The response has ended; return the upstream connection and move to the next request.
@@ -748,15 +814,18 @@ class Http1ServerProtocol(Protocol):
             self._p_dead = True
             self._close_when_flushed = True
             return
-        replay = self._replay
-        if (not got_bytes and replay is not None and not self._retried
+        replayable = self._replay is not None
+        if (not got_bytes and replayable and self._up_reused and not self._retried
                 and (not self._body_sent or h1.is_idempotent(self._method))):
-            # A reused connection the server had already closed: send the request again on a fresh one.
+            # A reused connection the server had already closed: send the request again on a fresh one, to
+            # the same endpoint (the race is the keep-alive's, not the endpoint's failure).
             self._retried = True
-            self._replay = None
-            self._pending_up = replay
+            self._pending_up = list(self._replay)
             self._pending_bytes = self._replay_bytes
             self._connect(self._lease.endpoint)
+            return
+        if self._may_retry(RESET, conn.endpoint, replayable):
+            self._next_attempt(True)
             return
         self._fail(Unreachable("upstream closed the connection before responding"))
 
@@ -780,9 +849,8 @@ class Http1ServerProtocol(Protocol):
         Answer the exchange in flight with C{err}, or close when part of a response was already sent.
         """
         self._deadline = None
-        if self._lease is not None and not self._released:
-            self._released = True
-            self._lease.release(False)
+        # Only the endpoint's own failures count against it; the proxy's rejections of the client do not.
+        self._release(False if blames_endpoint(err) else None)
         self._cancel_upstream()
         self._failed = True
         self._count_error(err.status, (self._reactor.seconds() - self._t0) * 1000.0)
@@ -820,6 +888,10 @@ class Http1ServerProtocol(Protocol):
                 rm = self._route_for(authority, None, key)
             rm.requests.inc()
         rm.response(status, "", latency_ms)
+        call = self._call
+        if call is not None and call.metrics is not None:
+            call.answered(status, "", latency_ms)
+            call.finished(status, "", latency_ms)
 
     def _cancel_upstream(self):
         conn = self._up
@@ -842,13 +914,14 @@ class Http1ServerProtocol(Protocol):
         if deadline is None or self._disconnected:
             return
         now = self._reactor.seconds()
+        call = self._call
         if not self._req_complete and self._req_has_body:
             # The client is still sending; the clock restarts when it is done (see _message_complete).
-            deadline = self._deadline = max(deadline, now + self.settings.response_timeout)
+            deadline = self._deadline = max(deadline, now + call.timeout)
         if now < deadline:
             self._timer = self._reactor.callLater(deadline - now, self._on_timer)
             return
-        self._fail(ResponseTimeout(f"response timeout after {self.settings.response_timeout:g}s"))
+        self._fail(ResponseTimeout(call.timeout_reason))
         self._flush_all()
 
     # -- moving on ------------------------------------------------------------------------------------------------
@@ -1198,7 +1271,8 @@ class Http1ClientProtocol(Protocol):
 
 class Http1Pool:
     """
-    Idle keep-alive upstream connections, per endpoint address, most recently used first.
+    Idle keep-alive upstream connections, per L{Endpoint.pool_key} (address, identity, proxy), most recently
+    used first.
 
     Idle connections older than C{settings.pool_idle_timeout} are closed by one timer per pool; at most
     C{settings.pool_max_idle} are kept per address.
@@ -1225,7 +1299,7 @@ class Http1Pool:
         @param now: the reactor's current time.
         @return: a connected L{Http1ClientProtocol}, or C{None}.
         """
-        stack = self._idle.get(endpoint.address)
+        stack = self._idle.get(endpoint.pool_key)
         if not stack:
             return None
         oldest = now - self._settings.pool_idle_timeout
@@ -1254,10 +1328,10 @@ class Http1Pool:
         if limit <= 0 or not conn.reusable():
             conn.close()
             return
-        address = conn.endpoint.address
-        stack = self._idle.get(address)
+        key = conn.endpoint.pool_key
+        stack = self._idle.get(key)
         if stack is None:
-            stack = self._idle[address] = []
+            stack = self._idle[key] = []
         elif len(stack) >= limit:
             oldest = stack.pop(0)
             oldest.in_pool = False
@@ -1273,14 +1347,15 @@ class Http1Pool:
         Forget C{conn}, an idle connection that closed.
         """
         conn.in_pool = False
-        stack = self._idle.get(conn.endpoint.address)
+        key = conn.endpoint.pool_key
+        stack = self._idle.get(key)
         if stack is not None:
             try:
                 stack.remove(conn)
             except ValueError:
                 pass
             if not stack:
-                del self._idle[conn.endpoint.address]
+                del self._idle[key]
 
     def _sweep(self):
         self._timer = None
@@ -1288,8 +1363,8 @@ class Http1Pool:
         timeout = self._settings.pool_idle_timeout
         oldest = now - timeout
         next_expiry = None
-        for address in list(self._idle):
-            stack = self._idle[address]
+        for key in list(self._idle):
+            stack = self._idle[key]
             # Stacks are ordered by idle_since: the expired ones are a prefix.
             n = 0
             while n < len(stack) and stack[n].idle_since <= oldest:
@@ -1299,7 +1374,7 @@ class Http1Pool:
                 conn.in_pool = False
                 conn.close()
             if not stack:
-                del self._idle[address]
+                del self._idle[key]
             elif next_expiry is None or stack[0].idle_since < next_expiry:
                 next_expiry = stack[0].idle_since
         if next_expiry is not None:

@@ -491,11 +491,12 @@ class ProxyTests(SynchronousTestCase):
 
     def test_upstream_reset_before_head(self):
         """
-        An upstream RST_STREAM before the response head is a 502 with l5d-proxy-error.
+        An upstream RST_STREAM before the response head of a request that is not safe to repeat (a POST with a
+        body) is a 502 with l5d-proxy-error.
         """
         h = Harness(mode="hold")
         h.pump()
-        sid = h.client.request()
+        sid = h.client.request(method=b"POST", body=b"x")
         h.pump()
         backend = h.connector.backends[0]
         (bsid,) = backend.streams
@@ -626,7 +627,8 @@ class ProxyTests(SynchronousTestCase):
 
     def test_connect_failure_502(self):
         """
-        A failed connect gives 502 (and grpc-status 14 for gRPC), releasing the lease as a failure.
+        A failed connect is retried (three attempts in all); then 502 (and grpc-status 14 for gRPC), each
+        attempt's lease released as a failure.
         """
         h = Harness()
         h.connector.refuse = True
@@ -637,7 +639,7 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(h.client.streams[plain].headers[b":status"], b"502")
         self.assertIn(b"l5d-proxy-error", h.client.streams[plain].headers)
         self.assertEqual(h.client.streams[rpc].headers[b"grpc-status"], b"14")
-        self.assertEqual([lease.outcomes for lease in h.router.leases], [[False], [False]])
+        self.assertEqual([lease.outcomes for lease in h.router.leases], [[False]] * 6)
         h.assert_clean(self)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
@@ -759,7 +761,7 @@ class ProxyTests(SynchronousTestCase):
         h = Harness(mode="hold")
         h.pump()
         headed = h.client.request()
-        waiting = h.client.request()
+        waiting = h.client.request(method=b"POST", body=b"x")
         h.pump()
         backend = h.connector.backends[0]
         backend.conn.send_headers(1, [(b":status", b"200")])

@@ -92,3 +92,16 @@ def error_response(error, grpc):
         (b"content-length", b"%d" % len(body)),
         (PROXY_ERROR, reason),
     ], body
+
+
+_GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def parse_grpc_timeout(value):
+    # Placeholder until the profiles branch lands.
+    value = value.strip()
+    unit = _GRPC_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not digits.isdigit() or len(digits) > 8:
+        return None
+    return int(digits) * unit

@@ -1,5 +1,4 @@
 # Placeholder until the profiles branch lands; replaced by it.
-import re
 from dataclasses import dataclass
 from typing import Optional, Pattern
 

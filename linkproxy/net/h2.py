@@ -66,12 +66,15 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable
-from linkproxy.core.grpc import error_response, grpc_status
+from linkproxy.core.classify import is_failure
+from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable, \
+    blames_endpoint
+from linkproxy.core.grpc import error_response, grpc_status, parse_grpc_timeout
 from linkproxy.core.headers import CLIENT_ID, DST_OVERRIDE, HOP_BY_HOP, connection_tokens, normalize_authority
+from linkproxy.core.http1 import IDEMPOTENT_METHODS, MAX_REPLAY_BYTES
+from linkproxy.core.retry import CONNECT, RESET, RESPONSE
 from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import set_nodelay
-from linkproxy.routing import route_request
 
 log = Logger(namespace="linkproxy.net.h2")
 
@@ -821,9 +824,14 @@ class _Half:
 
     __slots__ = (
         "owner", "src", "src_id", "dst", "dst_id", "q", "tail", "ended", "closed", "sent", "tail_sent", "scheduled",
+        "kept", "skip_ack",
     )
 
-    def __init__(self, owner, src, src_id):
+    def __init__(self, owner, src, src_id, keep=False):
+        """
+        @param keep: keep what is forwarded (up to C{MAX_REPLAY_BYTES}) so L{rewind} can send it again: the
+            request direction, which a retry replays.
+        """
         self.owner = owner
         self.src = src
         self.src_id = src_id
@@ -836,6 +844,28 @@ class _Half:
         self.sent = 0
         self.tail_sent = None
         self.scheduled = False
+        self.kept = [] if keep else None
+        self.skip_ack = 0
+
+    def rewind(self):
+        """
+        Make everything forwarded so far unsent again, for another attempt on another upstream stream. Bytes
+        replayed from L{kept} were acknowledged to C{src} already, so they are not acknowledged twice.
+        """
+        kept = self.kept
+        if kept:
+            self.q.extendleft(reversed(kept))
+            self.skip_ack += self.sent
+        self.kept = []
+        self.sent = 0
+        if self.tail_sent is not None:
+            self.tail = self.tail_sent
+            self.tail_sent = None
+            self.closed = False
+        dst = self.dst
+        if dst is not None:
+            dst.waiting.discard(self)
+        self.dst = None
 
     def ack(self, n):
         src = self.src
@@ -889,6 +919,7 @@ class _Half:
         conn = dst.conn
         did = self.dst_id
         q = self.q
+        kept = self.kept
         sent = 0
         try:
             while q:
@@ -900,12 +931,17 @@ class _Half:
                     limit = window
                 chunk = q[0]
                 if len(chunk) > limit:
-                    conn.send_data(did, chunk[:limit])
+                    piece = chunk[:limit]
+                    conn.send_data(did, piece)
                     q[0] = chunk[limit:]
                     sent += limit
+                    if kept is not None:
+                        kept.append(piece)
                 else:
                     q.popleft()
                     sent += len(chunk)
+                    if kept is not None:
+                        kept.append(chunk)
                     if not q and self.tail is True:
                         conn.send_data(did, chunk, end_stream=True)
                         self.tail_sent = True
@@ -927,7 +963,15 @@ class _Half:
         finally:
             if sent:
                 self.sent += sent
-                self.ack(sent)
+                if kept is not None and self.sent > MAX_REPLAY_BYTES:
+                    self.kept = None
+                skip = self.skip_ack
+                if skip:
+                    n = skip if skip < sent else sent
+                    self.skip_ack = skip - n
+                    sent -= n
+                if sent:
+                    self.ack(sent)
                 dst._mark()
         if self.closed:
             dst._mark()
@@ -957,7 +1001,7 @@ class _Stream:
     __slots__ = (
         "server", "sid", "up", "uid", "req", "resp", "headers", "authority", "grpc", "lease", "route", "started",
         "timer", "head", "status", "grpc_status", "latency_ms", "retried", "done", "down_open", "down_code",
-        "released",
+        "released", "call", "safe",
     )
 
     def __init__(self, server, sid, headers, grpc):
@@ -965,7 +1009,7 @@ class _Stream:
         self.sid = sid
         self.up = None
         self.uid = 0
-        self.req = _Half(self, server, sid)
+        self.req = _Half(self, server, sid, keep=True)
         self.resp = _Half(self, None, 0)
         self.resp.dst = server
         self.resp.dst_id = sid
@@ -985,22 +1029,41 @@ class _Stream:
         self.down_open = True
         self.down_code = _NO_ERROR
         self.released = False
+        self.call = None
+        self.safe = True
 
     # -- routing and dispatch ----------------------------------------------------------------------------------
 
     def route_to(self, authority):
         server = self.server
         self.authority = authority
-        self.timer = server._reactor.callLater(server.settings.response_timeout, self._timed_out)
+        method = path = b""
+        for name, value in self.headers:
+            if name[:1] != b":":
+                break
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+        self.safe = self.req.ended or method in IDEMPOTENT_METHODS
+        grpc_timeout = None
+        if self.grpc:
+            value = _header(self.headers, b"grpc-timeout")
+            if value is not None:
+                grpc_timeout = parse_grpc_timeout(value)
+        call = self.call = server._stack.begin(authority, method, path, self.started, grpc_timeout)
+        self.timer = server._reactor.callLater(call.timeout, self._timed_out)
         # At once or later, _routed flushes; within an event the flusher waits for the event's end.
-        route_request(server.settings.router, server._route_now, authority, self._routed, self._routed,
-                      self._route_failed)
+        call.pick(self._routed, self._routed, self._route_failed)
 
     def _routed(self, lease):
         self.lease = lease
+        self.released = False
         server = self.server
         self.route = server._route(self.authority, lease.endpoint)
-        self.route.requests.inc()
+        if self.call.attempts == 1:
+            # One request in the golden metrics, however many attempts it takes.
+            self.route.requests.inc()
         if self.done:
             # The stream ended while it was routed; nothing was sent to the endpoint.
             self._release(None)
@@ -1049,10 +1112,41 @@ class _Stream:
             self.released = True
             self.lease.release(success)
 
+    def _again(self, kind):
+        """
+        The attempt failed (C{kind}, see L{linkproxy.core.retry}) before its response reached the client:
+        route another, replaying what was sent, when the call allows it.
+
+        @return: C{True} when another attempt is under way.
+        """
+        self._release(False)
+        req = self.req
+        if self.done or self.head or req.kept is None or not self.down_open:
+            return False
+        now = self.server._reactor.seconds()
+        if now - self.started >= self.call.timeout:
+            return False
+        endpoint = self.lease.endpoint if self.lease is not None else None
+        if not self.call.retry(kind, now, endpoint, self.safe, True):
+            return False
+        self._detach_upstream(_CANCEL)
+        req.rewind()
+        self.resp.src = None
+        self.lease = None
+        self.call.pick(self._routed, self._routed, self._route_failed)
+        return True
+
+    def connect_failed(self, reason):
+        """
+        The pool could not open a connection for this stream: nothing was sent, so another attempt goes.
+        """
+        if not self.done and not self._again(CONNECT):
+            self.fail(Unreachable(reason))
+
     def _timed_out(self):
         self.timer = None
         if not self.head and not self.done:
-            self.fail(ResponseTimeout(f"no response within {self.server.settings.response_timeout:g}s"))
+            self.fail(ResponseTimeout(self.call.timeout_reason))
             self.server._flusher.flush()
 
     def _detach_upstream(self, code):
@@ -1081,7 +1175,8 @@ class _Stream:
         if self.done:
             return
         self._cancel_timer()
-        self._release(False)
+        # Only the endpoint's own failures count against it; the proxy's rejections of the client do not.
+        self._release(False if blames_endpoint(error) else None)
         self._detach_upstream(_CANCEL)
         self.req.drop()
         resp = self.resp
@@ -1154,12 +1249,23 @@ class _Stream:
         if self.done or self.head:
             return
         server = self.server
+        status = _status_of(headers)
+        grpc = grpc_status(headers) if ended else ""
+        failed = is_failure(status, grpc)
+        if failed:
+            call = self.call
+            if call.route.retryable and self.req.ended:
+                now = server._reactor.seconds()
+                call.answered(status, grpc, (now - self.started) * 1000.0)
+                if self._again(RESPONSE):
+                    return
         self._cancel_timer()
         self._head_at(server._reactor.seconds())
-        self._release(True)
-        self.status = _status_of(headers)
-        if ended:
-            self.grpc_status = grpc_status(headers)
+        if failed or not self.grpc or ended:
+            self._release(not failed)
+        # A gRPC answer's outcome is in its trailers: released there (or when the stream ends).
+        self.status = status
+        self.grpc_status = grpc
         headers = _response_headers(headers)
         resp = self.resp
         try:
@@ -1189,7 +1295,8 @@ class _Stream:
     def up_trailers(self, headers):
         if self.done:
             return
-        self.grpc_status = grpc_status(headers)
+        self.grpc_status = grpc = grpc_status(headers)
+        self._release(not is_failure(self.status or 200, grpc))
         self.resp.finish(headers)
 
     def up_end(self):
@@ -1214,10 +1321,12 @@ class _Stream:
         """
         if self.done:
             return
-        self._detach_upstream(reset_with)
         if not self.head:
-            self.fail(Unreachable(reason))
+            if not self._again(RESET):
+                self._detach_upstream(reset_with)
+                self.fail(Unreachable(reason))
             return
+        self._detach_upstream(reset_with)
         self.req.drop()
         resp = self.resp
         if resp.ended:
@@ -1287,8 +1396,12 @@ class _Stream:
         self.server.waiting.discard(self.resp)
         if self.status is not None and self.route is not None:
             self.route.response(self.status, self.grpc_status, self.latency_ms)
-        if not self.head:
-            self._release(False)
+            call = self.call
+            if call is not None and call.metrics is not None:
+                call.answered(self.status, self.grpc_status, self.latency_ms)
+                call.finished(self.status, self.grpc_status, self.latency_ms)
+        # A gRPC stream that ended without its trailers (reset mid-body) was not answered properly.
+        self._release(False if not self.head else not is_failure(self.status, self.grpc_status))
         self.server._forget(self.sid)
 
 
@@ -1412,7 +1525,7 @@ class H2ServerProtocol(_H2Side):
         self._pool = pool
         self._flusher = pool._flusher
         self._reactor = settings.reactor
-        self._route_now = getattr(settings.router, "route_now", None)
+        self._stack = settings.stack
         self._streams = {}
         self._routes = {}
         self.waiting = set()
@@ -1900,7 +2013,7 @@ class H2Pool:
     def _fail_waiting(self, waiting, reason):
         for stream in waiting:
             if not stream.done:
-                stream.fail(Unreachable(reason))
+                stream.connect_failed(reason)
 
     def _retire(self, proto):
         proto.retired = True

@@ -506,6 +506,13 @@ class H2Exchange:
         if self.req.closed and self._resp_done:
             self._finish()
 
+    def connect_failed(self, reason):
+        """
+        The pool could not open a connection for the stream: as a lost HTTP/1 connection that never got a byte,
+        which the server retries elsewhere.
+        """
+        self.up_refused()
+
     def fail(self, error):
         """
         The pool could not open the stream (connect failed, connection lost): answer the client with C{error}.

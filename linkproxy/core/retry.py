@@ -7,7 +7,8 @@ Kinds of failure, from safest to retry to least:
     Nothing reached the endpoint, so it is always retried (on another endpoint while the attempts last).
   - L{RESET}: the request was sent, then the connection or stream was lost before the response head. The
     endpoint may have acted on it, so it goes again only when that is harmless: an idempotent method or no
-    body (RFC 9110 9.2.2), and only with the body still held for replay.
+    body (RFC 9110 9.2.2), or a route its operator marked C{retryable} (the client would have got a 502 or
+    UNAVAILABLE, which such a route retries anyway); and only with the body still held for replay.
   - L{RESPONSE}: the endpoint answered with a failure (5xx, gRPC UNAVAILABLE). Retried only on a route marked
     C{retryable}, with the body held, and within the target's retry budget.
 """
@@ -34,7 +35,7 @@ def may_retry(kind, attempts, safe, replayable, retryable_route, max_attempts=MA
     if kind == CONNECT:
         return replayable
     if kind == RESET:
-        return safe and replayable
+        return (safe or retryable_route) and replayable
     return retryable_route and replayable
 
 

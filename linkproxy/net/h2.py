@@ -67,6 +67,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from linkproxy.core.classify import is_failure
+from linkproxy.core.endpoint import format_address
 from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable, \
     blames_endpoint
 from linkproxy.core.grpc import error_response, grpc_status, parse_grpc_timeout
@@ -75,6 +76,7 @@ from linkproxy.core.http1 import IDEMPOTENT_METHODS, MAX_REPLAY_BYTES
 from linkproxy.core.retry import CONNECT, RESET, RESPONSE
 from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import set_nodelay
+from linkproxy.net.tcp import connect_error_label
 
 log = Logger(namespace="linkproxy.net.h2")
 
@@ -2006,6 +2008,9 @@ class H2Pool:
         self._flusher.flush()
 
     def _connect_failed(self, failure, key):
+        settings = self._settings
+        settings.metrics.tcp_connect_error_total.labels(settings.direction, format_address(key[0]),
+                                                        connect_error_label(failure)).inc()
         waiting = self._connecting.pop(key, [])
         self._fail_waiting(waiting, f"connect failed: {failure.getErrorMessage()}")
         self._flusher.flush()

@@ -45,6 +45,7 @@ from linkproxy.core.headers import normalize_authority
 from linkproxy.layers.stack import CONNECT, RESET, RESPONSE
 from linkproxy.net.context import PLAIN, route_metrics
 from linkproxy.net.splice import direct_writer, set_nodelay
+from linkproxy.net.tcp import connect_error_label
 
 log = Logger(namespace="linkproxy.net.http1")
 
@@ -578,6 +579,9 @@ class Http1ServerProtocol(Protocol):
         if self._disconnected or not self._busy or failure.check(CancelledError):
             return
         endpoint = self._lease.endpoint
+        settings = self.settings
+        settings.metrics.tcp_connect_error_total.labels(settings.direction, endpoint.addr_str,
+                                                        connect_error_label(failure)).inc()
         # Nothing was written: another endpoint gets the request as it is.
         if self._may_retry(CONNECT, endpoint, True):
             self._next_attempt(False)

@@ -116,7 +116,8 @@ class Route:
         """
         if self.method is not None and method != self.method:
             return False
-        # search, not match: Linkerd's path regex is unanchored unless the pattern anchors itself.
+        # search, not fullmatch: the contract's own example, "^/api/", is a prefix match. linkerd2-proxy
+        # instead wraps a pattern in ^...$ when it lacks them; a profile ported from Linkerd adds them itself.
         return self.path_regex is None or self.path_regex.search(path) is not None
 
 

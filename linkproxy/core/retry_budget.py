@@ -95,7 +95,9 @@ class RetryBudget:
         """
         Count one original request (not a retry): it earns C{ratio} retries for C{ttl} seconds.
         """
-        self._advance(now)
+        # Once per request: skip the call when still in the current slot, the common case.
+        if int(now * self._rate) != self._epoch:
+            self._advance(now)
         self._slots[self._index] += self._deposit
         self._total += self._deposit
 

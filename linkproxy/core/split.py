@@ -5,7 +5,7 @@ Traffic split: the weighted pick of a backend target per request, for a profile'
     target = splitter.pick(rng)    # "web-v1.test:80" about 90% of the time
 
 The cumulative weights are computed once per split (a profile edit builds a new L{Splitter}), so a pick is one
-C{randrange} and one C{bisect}. The generator is passed in, so tests seed it.
+C{random()} and one C{bisect}. The generator is passed in, so tests seed it.
 """
 
 from bisect import bisect_right
@@ -60,5 +60,7 @@ class Splitter:
         """
         if self._only is not None:
             return self._only
-        # A draw in [0, total) lands in leg i when bounds[i-1] <= draw < bounds[i].
-        return self.targets[bisect_right(self._bounds, rng.randrange(self._total))]
+        # A draw in [0, total) lands in leg i when bounds[i-1] <= draw < bounds[i]. random() rather than
+        # randrange(): it is one C call, and with totals below 2**27 (100 legs of 10**6) its 53 bits leave
+        # no measurable bias.
+        return self.targets[bisect_right(self._bounds, rng.random() * self._total)]

@@ -16,6 +16,8 @@ class Runtime:
     @ivar connector: the L{linkproxy.net.connect.Connector} every upstream connection goes through.
     @ivar log_level: the L{linkproxy.admin.loglevel.LogLevelControl}.
     @ivar identity: the L{linkproxy.identity.store.IdentityStore}, or C{None} when identity is off.
+    @ivar profiles: the L{linkproxy.discovery.profiles.Profiles} requests look their target's routes, budget
+        and split up in; always one (empty when the discovery backend has no profiles), whatever is passed.
     """
 
     reactor: Any
@@ -25,3 +27,11 @@ class Runtime:
     connector: Any
     log_level: Any = None
     identity: Any = None
+    profiles: Any = None
+
+    def __post_init__(self):
+        if self.profiles is None:
+            # The request path asks every request's target; it must never have to check for None.
+            from linkproxy.discovery.profiles import Profiles
+
+            self.profiles = Profiles()

@@ -221,6 +221,8 @@ def make_proxy_service(config, reactor, log_level=None):
     from linkproxy.admin.app import AdminApp
     from linkproxy.admin.loglevel import LogLevelControl
     from linkproxy.admin.metrics import Metrics
+    from linkproxy.balancers import find_balancer
+    from linkproxy.discovery import build_discovery, discovery_profiles
     from linkproxy.inbound import build_inbound
     from linkproxy.net.connect import Connector
     from linkproxy.net.tracker import ConnectionTracker
@@ -234,10 +236,17 @@ def make_proxy_service(config, reactor, log_level=None):
     identity, meshed = None, None
     if config.identity_dir is not None:
         identity, meshed = _start_identity(config, reactor, metrics, service)
+    # Discovery is built here rather than inside the router, so its profiles reach the runtime too.
+    discovery = build_discovery(config.discovery, config, reactor, metrics=metrics)
+    profiles = discovery_profiles(discovery)
+    if profiles is getattr(discovery, "profiles", None) and callable(getattr(discovery, "start", None)):
+        _DiscoveryService(discovery).setServiceParent(service)
     runtime = Runtime(reactor=reactor, config=config, metrics=metrics, tracker=tracker,
                       connector=Connector(reactor, config.connect_timeout, meshed=meshed),
-                      log_level=log_level or LogLevelControl(config.log_level), identity=identity)
-    outbound_router = BalancedRouter.from_config(config, reactor, metrics)
+                      log_level=log_level or LogLevelControl(config.log_level), identity=identity,
+                      profiles=profiles)
+    outbound_router = BalancedRouter(discovery, find_balancer(config.balancer), reactor, metrics,
+                                     direction="outbound", first_update_timeout=config.connect_timeout)
     RouterService(outbound_router).setServiceParent(service)
 
     def listener(name, description, accept):
@@ -260,6 +269,25 @@ def make_proxy_service(config, reactor, log_level=None):
                                   on_error=service.listen_failed), admin=True)
     service.runtime = runtime
     return service
+
+
+class _DiscoveryService(Service):
+    """
+    Keeps a discovery backend that holds profiles (C{file:}) reading its source from start to stop, watched
+    targets or not: the first request must already see the profiles, and edits must apply without traffic.
+    """
+
+    def __init__(self, discovery):
+        self._discovery = discovery
+        self.setName("discovery")
+
+    def startService(self):
+        Service.startService(self)
+        self._discovery.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        self._discovery.stop()
 
 
 class _IdentityService(Service):

@@ -7,7 +7,9 @@ route) for a small bundle of bound children, and calls C{inc}/C{observe} on thos
 The per-request HTTP families (C{request_total}, C{response_total}, C{response_latency_ms}) are not
 prometheus_client metrics but L{CounterFamily} and L{HistogramFamily}: prometheus_client takes a lock on every
 C{inc} and searches the buckets in Python on every C{observe}, about 2 us per request per hop here. These keep
-plain numbers (everything runs on the reactor thread) and render the very same samples at scrape time.
+plain numbers (everything runs on the reactor thread) and render the very same samples at scrape time. So do
+the route families of profiles (C{route_request_total} and friends, Linkerd's ServiceProfile names), bound per
+(direction, target, route) by L{Metrics.route}.
 """
 
 from bisect import bisect_left
@@ -24,6 +26,9 @@ LATENCY_BUCKETS_MS = (
 
 HTTP_LABELS = ("direction", "authority", "target_addr", "tls", "client_id", "server_id")
 TCP_LABELS = ("direction", "peer", "tls", "target_addr")
+# Route metrics carry both this proxy's "authority" (as its golden metrics do) and Linkerd's "dst" (what
+# `linkerd viz routes` selects on), with the same value: the profile's target.
+ROUTE_LABELS = ("direction", "authority", "dst", "rt_route", "tls")
 
 # gRPC codes Linkerd classifies as failures.
 GRPC_FAILURE_CODES = frozenset({"2", "4", "7", "13", "14", "15"})
@@ -31,6 +36,7 @@ GRPC_FAILURE_CODES = frozenset({"2", "4", "7", "13", "14", "15"})
 # Bounds on label values that hostile or buggy peers choose; past these, values fold into "overflow".
 MAX_SNI_VALUES = 100
 MAX_HTTP_ROUTES = 1000
+MAX_ROUTE_SERIES = 1000
 
 
 def classify(status_code, grpc_status):
@@ -250,6 +256,67 @@ class HttpRouteMetrics:
         pair[1].observe(latency_ms)
 
 
+class RouteMetrics:
+    """
+    Bound children for one profile route: C{(direction, target, rt_route, tls)}.
+
+    A request on the route counts once in C{requests} and L{response}; each attempt it makes, the first and
+    every retry, counts in C{actual_requests} and L{actual_response}.
+    """
+
+    __slots__ = ("_metrics", "_labels", "requests", "actual_requests", "retries", "budget_exhausted",
+                 "_responses", "_actual_responses")
+
+    def __init__(self, metrics, labels):
+        self._metrics = metrics
+        self._labels = labels
+        #: bound C{route_request_total} child: once per request, however many attempts.
+        self.requests = metrics.route_request_total.labels(*labels)
+        #: bound C{route_actual_request_total} child: once per attempt, retries included.
+        self.actual_requests = metrics.route_actual_request_total.labels(*labels)
+        #: bound C{route_retry_requests_total} child: once per retry sent.
+        self.retries = metrics.route_retry_requests_total.labels(*labels)
+        #: bound C{route_retry_budget_exhausted_total} child: once per retry the budget refused.
+        self.budget_exhausted = metrics.route_retry_budget_exhausted_total.labels(*labels)
+        self._responses = {}
+        self._actual_responses = {}
+
+    def _pair(self, cache, total, latency, status_code, grpc_status):
+        key = (status_code, grpc_status)
+        pair = cache.get(key)
+        if pair is None:
+            code = str(status_code)
+            pair = cache[key] = (
+                total.labels(*self._labels, classify(status_code, grpc_status), code),
+                latency.labels(*self._labels, code),
+            )
+        return pair
+
+    def response(self, status_code, grpc_status, latency_ms):
+        """
+        Count the response the client got (after any retries) and its time from the request's start.
+
+        @param status_code: HTTP status as C{int}.
+        @param grpc_status: C{grpc-status} text, or C{""}.
+        @param latency_ms: milliseconds from request start to the response's first byte.
+        """
+        m = self._metrics
+        pair = self._pair(self._responses, m.route_response_total, m.route_response_latency_ms, status_code,
+                          grpc_status)
+        pair[0].inc()
+        pair[1].observe(latency_ms)
+
+    def actual_response(self, status_code, grpc_status, latency_ms):
+        """
+        Count the response of one attempt (retried or not), and that attempt's time to its first byte.
+        """
+        m = self._metrics
+        pair = self._pair(self._actual_responses, m.route_actual_response_total,
+                          m.route_actual_response_latency_ms, status_code, grpc_status)
+        pair[0].inc()
+        pair[1].observe(latency_ms)
+
+
 class Metrics:
     """
     Every metric family linkproxy exports, on its own L{CollectorRegistry}.
@@ -298,8 +365,36 @@ class Metrics:
             registry=r)
         self._sni_seen = set()
 
+        # Profile route metrics (Linkerd's ServiceProfile names), cheap families as above.
+        response_labels = ROUTE_LABELS + ("classification", "status_code")
+        self.route_request_total = CounterFamily("route_request", "Requests on each profile route", ROUTE_LABELS)
+        self.route_response_total = CounterFamily(
+            "route_response", "Responses on each profile route, after retries, classified", response_labels)
+        self.route_response_latency_ms = HistogramFamily(
+            "route_response_latency_ms", "Time from request to the response's first byte on each profile "
+            "route, retries included, in ms", ROUTE_LABELS + ("status_code",), buckets=LATENCY_BUCKETS_MS)
+        self.route_actual_request_total = CounterFamily(
+            "route_actual_request", "Attempts on each profile route, retries included", ROUTE_LABELS)
+        self.route_actual_response_total = CounterFamily(
+            "route_actual_response", "Responses to each attempt on each profile route, classified",
+            response_labels)
+        self.route_actual_response_latency_ms = HistogramFamily(
+            "route_actual_response_latency_ms", "Time from each attempt to its response's first byte, in ms",
+            ROUTE_LABELS + ("status_code",), buckets=LATENCY_BUCKETS_MS)
+        self.route_retry_requests_total = CounterFamily(
+            "route_retry_requests", "Retries sent on each profile route", ROUTE_LABELS)
+        self.route_retry_budget_exhausted_total = CounterFamily(
+            "route_retry_budget_exhausted", "Retries not sent because the retry budget was exhausted",
+            ROUTE_LABELS)
+        r.register(_FamiliesCollector((
+            self.route_request_total, self.route_response_total, self.route_response_latency_ms,
+            self.route_actual_request_total, self.route_actual_response_total,
+            self.route_actual_response_latency_ms, self.route_retry_requests_total,
+            self.route_retry_budget_exhausted_total)))
+
         self._tcp = {}
         self._http = {}
+        self._routes = {}
 
     def tcp(self, direction, peer, tls, target_addr):
         """
@@ -325,6 +420,28 @@ class Metrics:
                 bundle = self._http.get(key)
             if bundle is None:
                 bundle = self._http[key] = HttpRouteMetrics(self, key)
+        return bundle
+
+    def route(self, direction, authority, rt_route, tls="false"):
+        """
+        The bound metrics of one profile route; bind it once per route (or per connection and route), not per
+        request.
+
+        @param direction: C{"outbound"} or C{"inbound"}.
+        @param authority: the profile's target, canonical C{"host:port"} (the C{authority} and C{dst} labels).
+        @param rt_route: the route's name, or C{"default"}.
+        @param tls: C{"true"}, C{"false"} or a Linkerd-style reason, as on the golden metrics.
+        @return: the cached L{RouteMetrics} for these labels. Past L{MAX_ROUTE_SERIES} label sets, new ones
+            share one whose target and route are C{"overflow"}.
+        """
+        key = (direction, authority, rt_route, tls)
+        bundle = self._routes.get(key)
+        if bundle is None:
+            if len(self._routes) >= MAX_ROUTE_SERIES:
+                key = (direction, "overflow", "overflow", tls)
+                bundle = self._routes.get(key)
+            if bundle is None:
+                bundle = self._routes[key] = RouteMetrics(self, (key[0], key[1], key[1], key[2], key[3]))
         return bundle
 
     def detected(self, direction, protocol, reason, sni=None):

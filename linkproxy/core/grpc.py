@@ -1,6 +1,6 @@
 """
-gRPC rules the HTTP/2 layer needs, without I/O: recognising gRPC requests, reading C{grpc-status}, and the
-responses the proxy makes for its own errors (plain HTTP, or gRPC trailers-only).
+gRPC rules the HTTP/2 layer needs, without I/O: recognising gRPC requests, reading C{grpc-status} and
+C{grpc-timeout}, and the responses the proxy makes for its own errors (plain HTTP, or gRPC trailers-only).
 """
 
 from linkproxy.core.headers import PROXY_ERROR
@@ -35,6 +35,39 @@ def grpc_status(headers):
         if name == b"grpc-status":
             return value.decode("ascii", "replace").strip()
     return ""
+
+
+# grpc-timeout units (gRPC over HTTP/2: "H" hours ... "n" nanoseconds), in seconds.
+_TIMEOUT_UNITS = {
+    ord("H"): 3600.0,
+    ord("M"): 60.0,
+    ord("S"): 1.0,
+    ord("m"): 1e-3,
+    ord("u"): 1e-6,
+    ord("n"): 1e-9,
+}
+
+
+def parse_grpc_timeout(value):
+    """
+    Read a C{grpc-timeout} header value: 1 to 8 ASCII digits, then one unit of C{H M S m u n}.
+
+    An invalid value gives C{None}, and the proxy then applies no deadline of its own and forwards the header
+    as it came: the server is the one to judge it (grpc-go's server answers it with INTERNAL). Only the
+    spec's form is accepted; grpc-go's C{strconv.ParseInt} would also take a sign, which the spec does not
+    allow. C{0} is valid, and means the deadline has already passed.
+
+    @param value: the header value (L{bytes}); surrounding spaces and tabs are ignored.
+    @return: the timeout in seconds, or C{None} when the value is not a valid timeout.
+    """
+    value = value.strip(b" \t")
+    if not 2 <= len(value) <= 9:
+        return None
+    unit = _TIMEOUT_UNITS.get(value[-1])
+    digits = value[:-1]
+    if unit is None or not digits.isdigit():
+        return None
+    return int(digits) * unit
 
 
 def encode_grpc_message(text):
@@ -93,15 +126,3 @@ def error_response(error, grpc):
         (PROXY_ERROR, reason),
     ], body
 
-
-_GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
-
-def parse_grpc_timeout(value):
-    # Placeholder until the profiles branch lands.
-    value = value.strip()
-    unit = _GRPC_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not digits.isdigit() or len(digits) > 8:
-        return None
-    return int(digits) * unit

@@ -22,6 +22,7 @@ __all__ = [
     "split_target",
     "is_ip_literal",
     "backend_name",
+    "discovery_profiles",
 ]
 
 
@@ -166,3 +167,16 @@ def backend_name(discovery) -> str:
     if isinstance(name, str) and name:
         return name
     return type(discovery).__name__.lower()
+
+
+def discovery_profiles(discovery):
+    """
+    The live L{linkproxy.discovery.profiles.Profiles} a discovery backend keeps (its C{profiles} attribute:
+    C{file:} reads them from the endpoints file), or a new empty one for a backend that has none.
+    """
+    from linkproxy.discovery.profiles import Profiles
+
+    profiles = getattr(discovery, "profiles", None)
+    if isinstance(profiles, Profiles):
+        return profiles
+    return Profiles()

@@ -9,6 +9,14 @@ C{file:PATH} discovery: the endpoints YAML file of C{DESIGN.md}, watched and app
           weight: 1
           labels: {pod: web-0}
           protocol: http1
+    profiles:                   # optional: per-target routes, retry budget, traffic split
+      web.default.svc.cluster.local:80:
+        routes:
+          - {name: api-read, match: {method: GET, path_regex: "^/api/"}, timeout: 2s, retryable: true}
+
+C{services:} is required (C{services: {}} says "no endpoints" on purpose): a file with only C{profiles:}
+would discover nothing, which is far more often an edit gone wrong than a wish. C{profiles:} is parsed by
+L{linkproxy.core.profile.parse_profiles} and applied to L{FileDiscovery.profiles}.
 
 The file is polled (no inotify dependency, so it works the same on every platform and on network and
 ConfigMap-style symlinked mounts): every C{interval} seconds its C{stat} signature (mtime, size, inode) is
@@ -18,26 +26,31 @@ an edit that kept both the size and a coarse mtime.
 
 A bad edit (invalid YAML, a wrong field, a missing or empty file) keeps the last good set; it is logged once
 per distinct bad content, naming every problem, and counted in C{discovery_errors_total{backend="file"}}.
-Targets not in the file have no endpoints.
+The file is one unit: a problem in either section keeps the whole last good file, services and profiles both,
+so an edit meant to change the two together never applies half. Targets not in the file have no endpoints.
 
 L{parse_endpoints} is pure; L{FileDiscovery} does the (small, blocking, local) reads on the reactor thread.
 """
 
 import hashlib
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from linkproxy.core.endpoint import Endpoint, parse_host_port
+from linkproxy.core.profile import Profile, ProfileError, parse_profiles
 from linkproxy.discovery import normalize_target
 from linkproxy.discovery.metrics import discovery_metrics
+from linkproxy.discovery.profiles import Profiles
 from linkproxy.interfaces import IDiscovery, IResolution
 
 __all__ = [
     "EndpointsFileError",
+    "EndpointsFile",
     "parse_endpoints",
+    "parse_endpoints_file",
     "FileDiscovery",
     "MAX_FILE_BYTES",
     "MAX_TARGETS",
@@ -56,10 +69,23 @@ _MAX_PROBLEMS = 20
 #: The inbound proxy port assumed for a meshed endpoint that names an identity but no C{proxy}.
 DEFAULT_PROXY_PORT = 4143
 
+_TOP_LEVEL = ("services", "profiles")
 _FIELDS = ("addr", "identity", "proxy", "weight", "labels", "protocol")
 _PROTOCOLS = ("http1", "h2", "opaque")
 
 EndpointSets = Dict[str, Tuple[Endpoint, ...]]
+
+
+class EndpointsFile(NamedTuple):
+    """
+    Everything one endpoints file declares.
+
+    @ivar services: C{{canonical target: endpoints}}.
+    @ivar profiles: C{{canonical target: L{Profile}}}; empty when the file has no C{profiles:}.
+    """
+
+    services: EndpointSets
+    profiles: Dict[str, Profile]
 
 
 class EndpointsFileError(ValueError):
@@ -79,11 +105,22 @@ class EndpointsFileError(ValueError):
 
 def parse_endpoints(data: bytes) -> EndpointSets:
     """
-    Parse the endpoints file.
+    Parse the endpoints file's services (its profiles are checked too: a bad file is bad as a whole).
 
     @param data: the file's bytes (UTF-8 YAML).
     @return: C{{canonical target "host:port": endpoints}}; a target listed with no endpoints maps to C{()}.
     @raise EndpointsFileError: listing every problem found.
+    """
+    return parse_endpoints_file(data).services
+
+
+def parse_endpoints_file(data: bytes) -> EndpointsFile:
+    """
+    Parse the endpoints file: its C{services:} and its optional C{profiles:}.
+
+    @param data: the file's bytes (UTF-8 YAML).
+    @return: an L{EndpointsFile}.
+    @raise EndpointsFileError: listing every problem found, in both sections.
     """
     import yaml
 
@@ -98,10 +135,15 @@ def parse_endpoints(data: bytes) -> EndpointSets:
         raise EndpointsFileError([f"not valid YAML{where}: {problem}"]) from None
     if not isinstance(document, dict) or "services" not in document:
         raise EndpointsFileError(["expected a top-level 'services:' mapping"])
-    unknown = sorted(str(k) for k in document if k != "services")
+    unknown = sorted(str(k) for k in document if k not in _TOP_LEVEL)
     problems: List[str] = []
     if unknown:
-        problems.append(f"unknown top-level keys {unknown} (only 'services' is read)")
+        problems.append(f"unknown top-level keys {unknown} (only {list(_TOP_LEVEL)} are read)")
+    profiles: Dict[str, Profile] = {}
+    try:
+        profiles = parse_profiles(document.get("profiles"))
+    except ProfileError as e:
+        problems.extend(e.problems)
     services = document["services"]
     if services is None:
         services = {}
@@ -137,7 +179,7 @@ def parse_endpoints(data: bytes) -> EndpointSets:
         sets[target] = tuple(endpoints)
     if problems:
         raise EndpointsFileError(problems)
-    return sets
+    return EndpointsFile(sets, profiles)
 
 
 def _endpoint(entry, where: str, problems: List[str]) -> Optional[Endpoint]:
@@ -218,12 +260,14 @@ class _FileResolution:
 @implementer(IDiscovery)
 class FileDiscovery:
     """
-    Endpoint sets from a watched endpoints file.
+    Endpoint sets and profiles from a watched endpoints file.
 
-    Polling runs only while some target is watched.
+    Polling runs while some target is watched, and from L{start} to L{stop} (the process's profiles need the
+    file whether or not a target is watched).
 
     @ivar backend: the C{backend} metric label.
     @ivar path: the file watched.
+    @ivar profiles: the L{Profiles} of the last good file, updated in place on every good edit.
     """
 
     backend = "file"
@@ -256,6 +300,8 @@ class FileDiscovery:
         self._watchers: Dict[str, List] = {}
         self._call = None
         self._loaded = False
+        self._started = False
+        self.profiles = Profiles(clock=reactor)
 
     def __repr__(self):
         return f"<FileDiscovery {self.path!r}>"
@@ -269,6 +315,29 @@ class FileDiscovery:
         except ValueError:
             return ()
         return (self._sets or {}).get(key, ())
+
+    def start(self):
+        """
+        Read the file now (when it has not been read yet) and poll it until L{stop}, watched targets or not.
+
+        The proxy calls this at start-up, so the first request already sees the file's profiles.
+        """
+        self._started = True
+        if not self._loaded:
+            self._loaded = True
+            self.check(force=True)
+        if self._call is None:
+            self._call = self._reactor.callLater(self._interval, self._poll)
+
+    def stop(self):
+        """
+        Undo L{start}: polling goes on only while some target is watched.
+        """
+        self._started = False
+        if not self._watchers and self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
 
     def resolve(self, target, receiver):
         """
@@ -296,7 +365,7 @@ class FileDiscovery:
             receivers.remove(receiver)
             if not receivers:
                 del self._watchers[key]
-        if not self._watchers and self._call is not None:
+        if not self._watchers and not self._started and self._call is not None:
             if self._call.active():
                 self._call.cancel()
             self._call = None
@@ -307,7 +376,7 @@ class FileDiscovery:
         try:
             self.check(force=self._polls % self._verify_every == 0)
         finally:
-            if self._watchers and self._call is None:
+            if (self._watchers or self._started) and self._call is None:
                 self._call = self._reactor.callLater(self._interval, self._poll)
 
     def check(self, force=False):
@@ -344,12 +413,12 @@ class FileDiscovery:
         if digest == self._digest:
             return False
         try:
-            sets = parse_endpoints(data)
+            parsed = parse_endpoints_file(data)
         except EndpointsFileError as e:
             return self._bad(digest, str(e))
         self._digest = digest
         self._bad_digest = None
-        self._apply(sets)
+        self._apply(parsed)
         return True
 
     def _bad(self, digest, problem):
@@ -367,15 +436,19 @@ class FileDiscovery:
             # Receivers already hold the empty set; no update is needed.
         else:
             self._log.error("endpoints file {path} is unusable; keeping the last good version "
-                            "({targets} services): {problem}", path=self.path, targets=len(self._sets),
-                            problem=problem)
+                            "({targets} services, {profiles} profiles): {problem}", path=self.path,
+                            targets=len(self._sets), profiles=len(self.profiles), problem=problem)
         return False
 
-    def _apply(self, sets: EndpointSets):
+    def _apply(self, parsed: EndpointsFile):
+        sets = parsed.services
         old = self._sets or {}
         self._sets = sets
-        self._log.info("endpoints file {path} loaded: {targets} services, {endpoints} endpoints",
-                       path=self.path, targets=len(sets), endpoints=sum(len(v) for v in sets.values()))
+        # Profiles first: a request that a services update wakes already sees the matching profiles.
+        self.profiles.replace(parsed.profiles)
+        self._log.info("endpoints file {path} loaded: {targets} services, {endpoints} endpoints, "
+                       "{profiles} profiles", path=self.path, targets=len(sets),
+                       endpoints=sum(len(v) for v in sets.values()), profiles=len(parsed.profiles))
         for key, receivers in list(self._watchers.items()):
             new_set = sets.get(key, ())
             if _comparable(old.get(key, ())) == _comparable(new_set):

@@ -41,7 +41,8 @@ from linkproxy.core import http1 as h1
 from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, ResponseTimeout, Unreachable
 from linkproxy.core.headers import normalize_authority
 from linkproxy.net.context import PLAIN, route_metrics
-from linkproxy.net.splice import direct_writer, set_nodelay
+from linkproxy.net.splice import set_nodelay
+from linkproxy.net.twisted_private import direct_writer
 from linkproxy.routing import route_request
 
 log = Logger(namespace="linkproxy.net.http1")

@@ -213,15 +213,6 @@ class _NoReactor:
         raise AttributeError(f"endpoint description used the reactor ({name}) while being checked")
 
 
-def _endpoint_port(endpoint: Any) -> Optional[int]:
-    # Twisted accepts out-of-range ports when it parses and only fails at bind/connect time, which is after the
-    # point where configuration problems must be reported. _port is private, so read it defensively.
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not isinstance(port, bool):
-        return port
-    return None
-
-
 def _description(value: Any, parse: Callable[[Any, str], Any], example: str, what: str, lowest_port: int) -> str:
     desc = _text(value, f"a {example}")
     try:
@@ -230,7 +221,8 @@ def _description(value: Any, parse: Callable[[Any, str], Any], example: str, wha
         # Endpoint parsers (including third-party plugins) fail with whatever they like: ValueError, TypeError,
         # KeyError, OSError for missing certificate files... All of them mean "bad description".
         raise ValueError(f"invalid {what} {_show(desc)}: {_exception_text(e)}") from None
-    port = _endpoint_port(endpoint)
+    from linkproxy.net.twisted_private import endpoint_port
+    port = endpoint_port(endpoint)
     if port is not None and not lowest_port <= port <= 65535:
         raise ValueError(f"invalid {what} {_show(desc)}: port {port} is outside {lowest_port}-65535")
     return desc

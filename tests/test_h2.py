@@ -25,8 +25,9 @@ from linkproxy.net.context import HttpSettings, PeerInfo
 import hpack
 from h2.exceptions import ProtocolError
 
-from linkproxy.net import h2 as h2_module
-from linkproxy.net.h2 import H2Pool, H2ServerProtocol, _Connection, _Decoder, _Encoder
+from linkproxy.net import h2_private
+from linkproxy.net.h2 import H2Pool, H2ServerProtocol
+from linkproxy.net.h2_private import LeanConnection, LeanDecoder, LeanEncoder
 from linkproxy.net.tracker import ConnectionTracker
 from linkproxy.testing import FakeRouter
 
@@ -69,7 +70,7 @@ class H2Peer(Protocol):
 
     def __init__(self, client_side, auto_ack=True):
         # GOAWAY-tolerant, like the proxy's own, so tests can watch streams finish after a GOAWAY.
-        self.conn = _Connection(H2Configuration(client_side=client_side, **_TEST_CONFIG))
+        self.conn = LeanConnection(H2Configuration(client_side=client_side, **_TEST_CONFIG))
         self.streams = {}
         self.goaways = []
         self.auto_ack = auto_ack
@@ -822,7 +823,7 @@ class DataEndCoalescedTests(SynchronousTestCase):
 
 class HpackTests(SynchronousTestCase):
     """
-    L{_Encoder} and L{_Decoder} against hpack's own encoder and decoder.
+    L{LeanEncoder} and L{LeanDecoder} against hpack's own encoder and decoder.
     """
 
     BLOCKS = [
@@ -835,15 +836,15 @@ class HpackTests(SynchronousTestCase):
     ]
 
     def setUp(self):
-        h2_module._decoded_blocks.clear()
+        h2_private._decoded_blocks.clear()
 
     def test_round_trip(self):
         """
-        What L{_Encoder} writes hpack reads back, and what hpack writes (with its dynamic table) L{_Decoder}
+        What L{LeanEncoder} writes hpack reads back, and what hpack writes (with its dynamic table) L{LeanDecoder}
         reads back, over several blocks on one connection; "never indexed" fields stay so.
         """
-        ours, theirs = _Encoder(), hpack.Encoder()
-        our_decoder, their_decoder = _Decoder(), hpack.Decoder()
+        ours, theirs = LeanEncoder(), hpack.Encoder()
+        our_decoder, their_decoder = LeanDecoder(), hpack.Decoder()
         for _ in range(3):
             for block in self.BLOCKS:
                 expected = [tuple(f) for f in block]
@@ -861,7 +862,7 @@ class HpackTests(SynchronousTestCase):
         """
         When the peer changes SETTINGS_HEADER_TABLE_SIZE, the next block starts with a size update.
         """
-        encoder, decoder = _Encoder(), hpack.Decoder()
+        encoder, decoder = LeanEncoder(), hpack.Decoder()
         encoder.header_table_size = 0
         block = encoder.encode([(b":status", b"200")])
         self.assertEqual(block, b"\x20\x88")
@@ -880,13 +881,13 @@ class HpackTests(SynchronousTestCase):
         first = sized_to_zero.encode(fields)
         again = sized_to_zero.encode(fields)
         self.assertNotEqual(first, again)  # the first one carries the size update
-        zero = _Decoder()
+        zero = LeanDecoder()
         zero.max_allowed_table_size = 0
         self.assertEqual(zero.decode(first, raw=True), fields)
         self.assertEqual(zero.decode(again, raw=True), fields)
-        self.assertIn(again, h2_module._decoded_blocks)
+        self.assertIn(again, h2_private._decoded_blocks)
         self.assertEqual(zero.decode(again, raw=True), fields)
-        sized = _Decoder()
+        sized = LeanDecoder()
         self.assertEqual(sized.decode(again, raw=True), fields)
         self.assertEqual(len(sized.header_table.dynamic_entries), 2)
 
@@ -894,10 +895,10 @@ class HpackTests(SynchronousTestCase):
         """
         A cached block over a decoder's header list limit is refused like any other.
         """
-        block = _Encoder().encode([(b"x-big", b"b" * 100)])
-        self.assertEqual(_Decoder().decode(block, raw=True), [(b"x-big", b"b" * 100)])
-        self.assertIn(block, h2_module._decoded_blocks)
-        small = _Decoder(max_header_list_size=100)
+        block = LeanEncoder().encode([(b"x-big", b"b" * 100)])
+        self.assertEqual(LeanDecoder().decode(block, raw=True), [(b"x-big", b"b" * 100)])
+        self.assertIn(block, h2_private._decoded_blocks)
+        small = LeanDecoder(max_header_list_size=100)
         self.assertRaises(hpack.OversizedHeaderListError, small.decode, block, raw=True)
 
     def test_malformed(self):
@@ -906,15 +907,15 @@ class HpackTests(SynchronousTestCase):
         """
         for block in [b"\x80", b"\xff\xff\xff\xff\xff\xff\xff", b"\x00\x05ab", b"\x41\x85", b"\xbf",
                       b"\x88\x3f\xe1\x1f"]:
-            self.assertRaises(hpack.HPACKDecodingError, _Decoder().decode, block, raw=True)
+            self.assertRaises(hpack.HPACKDecodingError, LeanDecoder().decode, block, raw=True)
 
 
 def _connected_pair(server_settings=None):
     """
-    A client and a server L{_Connection}, their prefaces and SETTINGS exchanged in memory.
+    A client and a server L{LeanConnection}, their prefaces and SETTINGS exchanged in memory.
     """
-    client = _Connection(H2Configuration(client_side=True, **_TEST_CONFIG))
-    server = _Connection(H2Configuration(client_side=False, **_TEST_CONFIG))
+    client = LeanConnection(H2Configuration(client_side=True, **_TEST_CONFIG))
+    server = LeanConnection(H2Configuration(client_side=False, **_TEST_CONFIG))
     if server_settings:
         server.local_settings = Settings(client=False, initial_values=server_settings)
     client.initiate_connection()
@@ -927,7 +928,7 @@ def _connected_pair(server_settings=None):
 
 class OpenStreamsTests(SynchronousTestCase):
     """
-    L{_Connection} counts open streams lazily, and still enforces the concurrency limits exactly.
+    L{LeanConnection} counts open streams lazily, and still enforces the concurrency limits exactly.
     """
 
     def _pair(self, limit):
@@ -958,7 +959,7 @@ class OpenStreamsTests(SynchronousTestCase):
         # The client refuses to open a fourth; forced through, the server refuses it too.
         sid = client.get_next_available_stream_id()
         self.assertRaises(ProtocolError, client.send_headers, sid, [(b":method", b"GET")])
-        forced = _Connection(H2Configuration(client_side=True, **_TEST_CONFIG))
+        forced = LeanConnection(H2Configuration(client_side=True, **_TEST_CONFIG))
         forced.initiate_connection()
         forced.data_to_send()
         forced.highest_outbound_stream_id = sid - 2
@@ -975,7 +976,7 @@ from hyperframe.frame import (
 from h2.frame_buffer import FrameBuffer
 from h2.exceptions import FrameTooLargeError
 
-from linkproxy.net.h2 import _FrameBuffer, _OutFrame, _header_frames
+from linkproxy.net.h2_private import LeanFrameBuffer, OutFrame, header_frames
 
 
 def _frame_fields(frame):
@@ -1052,16 +1053,16 @@ def _frames(draw):
 
 class FrameBufferTests(SynchronousTestCase):
     """
-    L{_FrameBuffer} reads the same frames as h2's C{FrameBuffer}, and fails the same way.
+    L{LeanFrameBuffer} reads the same frames as h2's C{FrameBuffer}, and fails the same way.
     """
 
     def assertSameReading(self, wire, max_frame_size=16384):
         """
-        The same frames, then the same error class or none; except that L{_FrameBuffer} refuses an oversized
+        The same frames, then the same error class or none; except that L{LeanFrameBuffer} refuses an oversized
         frame as soon as its header is in, where h2 waits for the whole frame (which may never come) or first
         finds another fault in its header. Either way it is a connection error.
         """
-        ours, theirs = _drain(_FrameBuffer(), wire, max_frame_size), _drain(FrameBuffer(), wire, max_frame_size)
+        ours, theirs = _drain(LeanFrameBuffer(), wire, max_frame_size), _drain(FrameBuffer(), wire, max_frame_size)
         if ours[1] is FrameTooLargeError:
             self.assertEqual(ours[0], theirs[0])
             self.assertTrue(theirs[1] is None or issubclass(theirs[1], ProtocolError), theirs)
@@ -1082,7 +1083,7 @@ class FrameBufferTests(SynchronousTestCase):
         before any of its body is buffered.
         """
         for kind in (0x0, 0x1, 0x6, 0x9, 0xEE):
-            buffer = _FrameBuffer()
+            buffer = LeanFrameBuffer()
             buffer.max_frame_size = 16384
             buffer.add_data(b"\xff\xff\xff" + bytes((kind,)) + b"\x00\x00\x00\x00\x01")
             self.assertRaises(FrameTooLargeError, list, buffer)
@@ -1095,7 +1096,7 @@ class FrameBufferTests(SynchronousTestCase):
         bad_padding = b"\x00\x00\x02\x00\x08\x00\x00\x00\x01\x05x"
         for wire, error in [(stream_zero, ProtocolError), (oversized, FrameTooLargeError),
                             (bad_padding, Exception)]:
-            ours = _drain(_FrameBuffer(), wire, max_frame_size=16)
+            ours = _drain(LeanFrameBuffer(), wire, max_frame_size=16)
             self.assertEqual(ours, _drain(FrameBuffer(), wire, max_frame_size=16))
             self.assertTrue(issubclass(ours[1], error), ours)
 
@@ -1110,13 +1111,13 @@ class OutFrameTests(SynchronousTestCase):
         f = DataFrame(sid, data=body)
         if end:
             f.flags.add("END_STREAM")
-        ours = _OutFrame(0, 1 if end else 0, sid, body)
+        ours = OutFrame(0, 1 if end else 0, sid, body)
         self.assertEqual(ours.serialize(), f.serialize())
         self.assertEqual(ours.body_len, len(body))
 
     @given(_stream_ids, st.binary(min_size=1, max_size=100), st.integers(min_value=1, max_value=40), st.booleans())
     def test_header_block_split(self, sid, block, max_size, end):
-        frames = _header_frames(sid, block, max_size, end)
+        frames = header_frames(sid, block, max_size, end)
         self.assertTrue(all(f.body_len <= max_size for f in frames))
         buffer = FrameBuffer()
         buffer.max_frame_size = max_size
@@ -1131,8 +1132,8 @@ class OutFrameTests(SynchronousTestCase):
 
 class LeanStreamTests(SynchronousTestCase):
     """
-    L{linkproxy.net.h2._LeanStream} keeps h2's stream rules: informational responses, trailers, HEAD, and the
-    streams held by L{_Connection} stay few.
+    L{linkproxy.net.h2_private.LeanStream} keeps h2's stream rules: informational responses, trailers, HEAD, and the
+    streams held by L{LeanConnection} stay few.
     """
 
     def _pair(self):
@@ -1191,7 +1192,7 @@ class LeanStreamTests(SynchronousTestCase):
 
     def test_closed_streams_dropped(self):
         """
-        L{_Connection.drop_closed} forgets a finished stream at once, and h2 still knows how it was closed:
+        L{LeanConnection.drop_closed} forgets a finished stream at once, and h2 still knows how it was closed:
         DATA that arrives for it afterwards gets RST_STREAM, not a connection error.
         """
         client, server = self._pair()
@@ -1221,7 +1222,7 @@ class ClosedStreamsTests(SynchronousTestCase):
     def test_bounded(self):
         client, server = _connected_pair()
         request = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")]
-        for i in range(h2_module.CLOSED_STREAMS_KEPT + 50):
+        for i in range(h2_private.CLOSED_STREAMS_KEPT + 50):
             sid = 2 * i + 1
             client.send_headers(sid, request, end_stream=True)
             server.receive_data(client.data_to_send())
@@ -1229,8 +1230,8 @@ class ClosedStreamsTests(SynchronousTestCase):
             client.receive_data(server.data_to_send())
             server.drop_closed(sid)
             client.drop_closed(sid)
-        self.assertEqual(len(server._closed_streams), h2_module.CLOSED_STREAMS_KEPT)
-        self.assertEqual(len(client._closed_streams), h2_module.CLOSED_STREAMS_KEPT)
+        self.assertEqual(len(server._closed_streams), h2_private.CLOSED_STREAMS_KEPT)
+        self.assertEqual(len(client._closed_streams), h2_private.CLOSED_STREAMS_KEPT)
         self.assertEqual(len(server.streams), 0)
         # A stream reset just now still gets RST_STREAM for a late DATA frame.
         sid += 2

@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from linkproxy.admin.metrics import Metrics
 from linkproxy.net.connect import connect_protocol
-from linkproxy.net.splice import AcceptedSplice, SpliceSide, direct_writer
+from linkproxy.net.splice import AcceptedSplice, SpliceSide
+from linkproxy.net.twisted_private import direct_writer
 from linkproxy.net.tracker import ConnectionTracker
 
 

@@ -11,56 +11,47 @@ top of that every connection is its own transport's producer: a full socket writ
 socket and stops forwarding into it until it drains.
 
 Where this module departs from h2's defaults, and why:
-  - h2 validates and normalises headers at a cost comparable to a whole HTTP/1 hop; the proxy checks what it
-    relies on itself (L{_prepare_request}), so h2's header checks are off.
-  - h2 closes its connection state machine on GOAWAY, which would kill the streams a graceful GOAWAY lets
-    finish. L{_Connection} reports the GOAWAY as an event and keeps the state open; L{H2ServerProtocol.drain}
-    writes its own GOAWAY frame for the same reason.
-  - hpack's encoder and decoder are general and slow (a log call per header, an object per field, a table
-    search per header). L{_Encoder} never inserts into the dynamic table, as nginx does, so a field's encoding
-    depends on the field alone and is cached; L{_Decoder} is a lean loop over the same table with the huffman
-    decodings cached. Header blocks we send are larger than with indexing (literals every time), which on the
-    sidecar's hops costs far less than the CPU it saves.
-  - h2 walks all its streams to count the open ones each time a stream opens; L{_Connection} walks only when
-    the count could reach the concurrency limit (or to drop closed streams once they have piled up), and drops
-    each stream as soon as the proxy is done with it (L{_Connection.drop_closed}).
+  - h2 validates and normalises headers at a cost comparable to a whole HTTP/1 hop; the proxy checks what it relies
+    on itself (L{_prepare_request}), so h2's header checks are off.
+  - h2 closes its connection state machine on GOAWAY, which would kill the streams a graceful GOAWAY lets finish.
+    L{linkproxy.net.h2_private.LeanConnection} reports the GOAWAY as an event and keeps the state open;
+    L{H2ServerProtocol.drain} writes its own GOAWAY frame for the same reason.
+  - hpack's encoder and decoder are general and slow (a log call per header, an object per field, a table search per
+    header). L{linkproxy.net.h2_private.LeanEncoder} never inserts into the dynamic table, as nginx does, so a
+    field's encoding depends on the field alone and is cached; L{linkproxy.net.h2_private.LeanDecoder} is a lean
+    loop over the same table with the huffman decodings cached. Header blocks we send are larger than with indexing
+    (literals every time), which on the sidecar's hops costs far less than the CPU it saves.
+  - h2 walks all its streams to count the open ones each time a stream opens;
+    L{linkproxy.net.h2_private.LeanConnection} walks only when the count could reach the concurrency limit (or to
+    drop closed streams once they have piled up), and drops each stream as soon as the proxy is done with it
+    (L{linkproxy.net.h2_private.LeanConnection.drop_closed}).
   - hyperframe's frame objects (a validated flag set, padding and priority fields, a flag walk to serialize) and
-    h2's per-block header work (UTF-8 re-encoding, validation flags, copies) cost as much as the rest of the
-    proxy. The proxy's connections use h2's state machines, flow control and error handling as they are, but
-    make the per-request frames lean: L{_FrameBuffer} reads HEADERS and DATA into light frames that hyperframe
-    still parses, L{_LeanStream} serializes the HEADERS, CONTINUATION and DATA frames it sends itself
-    (L{_OutFrame}), and L{_Connection._receive_frame} skips a trace message built for every frame. Together
-    they took the HTTP/2 bench from about 116 to about 74 us of CPU per request. They override private parts
-    of h2, so C{setup.cfg} bounds its version, and C{tests/test_h2.py} checks them against h2's own.
+    h2's per-block header work (UTF-8 re-encoding, validation flags, copies) cost as much as the rest of the proxy.
+    The proxy's connections use h2's state machines, flow control and error handling as they are, but make the
+    per-request frames lean: L{linkproxy.net.h2_private.LeanFrameBuffer} reads HEADERS and DATA into light frames
+    that hyperframe still parses, L{linkproxy.net.h2_private.LeanStream} serializes the HEADERS, CONTINUATION and
+    DATA frames it sends itself (L{linkproxy.net.h2_private.OutFrame}), and
+    L{linkproxy.net.h2_private.LeanConnection._receive_frame} skips a trace message built for every frame. Together
+    they took the HTTP/2 bench from about 116 to about 74 us of CPU per request. They override private parts of h2,
+    hpack and hyperframe, so they live in L{linkproxy.net.h2_private}, which lists what they rely on and the audited
+    versions; C{setup.cfg} bounds the versions to those, and C{tests/test_h2.py} checks the overrides against the
+    libraries' own code.
   - h2 turns an oversized header block into a connection error. The proxy advertises a hard limit twice the
     configured one and answers 431 to a block over the configured limit, so one bad request costs one stream.
 """
 
 import re
-import struct
 from collections import deque
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated, DataReceived, InformationalResponseReceived, RemoteSettingsChanged, RequestReceived,
     ResponseReceived, StreamEnded, StreamReset, TrailersReceived, WindowUpdated,
 )
-from h2.exceptions import (
-    FrameDataMissingError, NoAvailableStreamIDError, ProtocolError, StreamClosedError, StreamIDTooLowError,
-)
-from h2.frame_buffer import FrameBuffer
-from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamInputs, StreamState
-from h2.utilities import SizeLimitDict
-from hpack import Decoder, HPACKDecodingError, InvalidTableSizeError, NeverIndexedHeaderTuple, OversizedHeaderListError
-from hpack.huffman import HuffmanEncoder
-from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
-from hpack.huffman_table import decode_huffman
-from hpack.table import HeaderTable
-from hyperframe.exceptions import InvalidDataError, InvalidFrameError
-from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from h2.exceptions import NoAvailableStreamIDError, ProtocolError, StreamClosedError
+from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -75,6 +66,7 @@ from linkproxy.core.headers import CLIENT_ID, DST_OVERRIDE, HOP_BY_HOP, connecti
 from linkproxy.core.http1 import IDEMPOTENT_METHODS, MAX_REPLAY_BYTES
 from linkproxy.core.retry import CONNECT, RESET, RESPONSE
 from linkproxy.net.context import PLAIN, route_metrics
+from linkproxy.net.h2_private import new_connection
 from linkproxy.net.splice import set_nodelay
 from linkproxy.net.tcp import connect_error_label
 
@@ -88,9 +80,6 @@ STREAM_WINDOW = 65535
 CONNECTION_WINDOW = 1 << 20
 #: Streams assumed available on an upstream connection until its SETTINGS arrive (RFC 9113 suggests >= 100).
 UPSTREAM_INITIAL_STREAMS = 100
-#: Closed streams a connection remembers, to answer a late frame on a stream it reset with RST_STREAM rather
-#: than a connection error. h2 keeps 65,536 (about 8 MiB per long-lived connection); hyper's h2 keeps 10.
-CLOSED_STREAMS_KEPT = 1024
 #: Upper bound on streams the proxy opens on one upstream connection, whatever the endpoint allows.
 UPSTREAM_MAX_STREAMS = 1000
 # Past this stream id an upstream connection is retired before h2 runs out of ids (2**31 - 1).
@@ -108,587 +97,11 @@ _NO_ERROR = ErrorCodes.NO_ERROR
 _CANCEL = ErrorCodes.CANCEL
 _INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
 _REFUSED_STREAM = ErrorCodes.REFUSED_STREAM
-_CLOSED = StreamState.CLOSED
-
-
-def _error_code(value):
-    try:
-        return ErrorCodes(value)
-    except ValueError:
-        return value
-
-
-# -- HPACK -------------------------------------------------------------------------------------------------------
-
-#: Encoded fields kept by L{_Encoder}, and huffman strings kept by L{_Decoder}, before each cache starts over.
-_CACHE_ENTRIES = 4096
-#: Longer fields and strings are not cached: large and seldom repeated.
-_CACHE_MAX_BYTES = 256
-#: Decoded header blocks kept by L{_Decoder}, and the longest one cached.
-_BLOCK_CACHE_ENTRIES = 1024
-_BLOCK_CACHE_MAX_BYTES = 1024
-
-_huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode
-# name -> (index of its first static entry, {value: index of the exact static entry})
-_STATIC = {}
-for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
-    _STATIC.setdefault(_name, (_index, {}))[1].setdefault(_value, _index)
-del _index, _name, _value
-
-# index -> static entry (index 0 is unused: HPACK indices start at 1)
-_STATIC_ENTRIES = (None,) + HeaderTable.STATIC_TABLE
-_STATIC_COUNT = len(HeaderTable.STATIC_TABLE)
-
-_encoded_fields = {}
-_decoded_strings = {}
-_decoded_blocks = {}
-
-
-def _hpack_int(n, prefix_bits, flags):
-    limit = (1 << prefix_bits) - 1
-    if n < limit:
-        return bytes((flags | n,))
-    out = bytearray((flags | limit,))
-    n -= limit
-    while n >= 128:
-        out.append((n & 127) | 128)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _hpack_string(s):
-    h = _huffman(s)
-    if len(h) < len(s):
-        return _hpack_int(len(h), 7, 0x80) + h
-    return _hpack_int(len(s), 7, 0) + s
-
-
-def _encode_field(name, value, sensitive):
-    """
-    One header field without the dynamic table: indexed when it is in the static table, otherwise a literal
-    "without indexing" (or "never indexed" when C{sensitive}) naming a static name where there is one.
-    """
-    static = _STATIC.get(name)
-    if static is not None:
-        index = static[1].get(value)
-        if index is not None:
-            return bytes((0x80 | index,))
-        return _hpack_int(static[0], 4, 0x10 if sensitive else 0) + _hpack_string(value)
-    return (b"\x10" if sensitive else b"\x00") + _hpack_string(name) + _hpack_string(value)
-
-
-class _Encoder:
-    """
-    The HPACK encoder of a connection (in place of hpack's): fields are never added to the dynamic table, so
-    the encoding of a field is the same on every connection and every block, and is cached.
-
-    A field given as an hpack C{HeaderTuple} that is not indexable (C{NeverIndexedHeaderTuple}, as the decoder
-    reports one) is sent as "never indexed", so the peer keeps it out of its tables too.
-    """
-
-    def __init__(self):
-        self._table_size = HeaderTable.DEFAULT_SIZE
-        self._size_updates = []
-
-    @property
-    def header_table_size(self):
-        return self._table_size
-
-    @header_table_size.setter
-    def header_table_size(self, value):
-        # The peer changed SETTINGS_HEADER_TABLE_SIZE: say which size we use, as hpack's encoder would.
-        if value != self._table_size:
-            self._table_size = value
-            self._size_updates.append(value)
-
-    def encode(self, headers, huffman=True):
-        out = []
-        if self._size_updates:
-            out.extend(_hpack_int(size, 5, 0x20) for size in self._size_updates)
-            self._size_updates = []
-        cache = _encoded_fields
-        for field in headers:
-            if type(field) is not tuple:
-                # hpack's HeaderTuple, possibly never indexed; rare, not cached.
-                out.append(_encode_field(field[0], field[1], not getattr(field, "indexable", True)))
-                continue
-            encoded = cache.get(field)
-            if encoded is None:
-                name, value = field
-                encoded = _encode_field(name, value, False)
-                if len(name) + len(value) <= _CACHE_MAX_BYTES:
-                    if len(cache) >= _CACHE_ENTRIES:
-                        cache.clear()
-                    cache[field] = encoded
-            out.append(encoded)
-        return b"".join(out)
-
-
-def _hpack_varint(data, i, number):
-    """
-    The rest of an HPACK integer whose prefix held C{number} (all ones); C{data[i]} is its first continuation
-    byte. Returns C{(value, index after it)}.
-    """
-    shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        number += (byte & 127) << shift
-        if byte < 128:
-            return number, i
-        shift += 7
-        if shift > 28:
-            raise HPACKDecodingError("HPACK integer representation is too long")
-
-
-class _Decoder(Decoder):
-    """
-    hpack's decoder with a lean C{decode}: the same table, limits and errors, without a log call and a few
-    objects per field, and with huffman strings cached.
-
-    A block that neither reads nor changes the dynamic table decodes the same on any connection: such blocks
-    are cached whole. Encoders that do not index send nothing else (the proxy itself, see L{_Encoder}; nginx,
-    whose "incremental indexing" fields change nothing once it has sized the table to 0).
-
-    Fields come back as C{(name, value)} byte tuples, or as C{NeverIndexedHeaderTuple} for "never indexed" ones.
-    """
-
-    def decode(self, data, raw=False):
-        if type(data) is not bytes:
-            data = bytes(data)
-        limit = self.max_header_list_size
-        cached = _decoded_blocks.get(data)
-        if cached is not None and cached[2] and self.header_table.maxsize:
-            cached = None  # it indexes fields, which only a table of size 0 ignores
-        if cached is None:
-            headers, size, stateless, indexes = self._decode_block(data, limit)
-            if stateless and len(data) <= _BLOCK_CACHE_MAX_BYTES:
-                if len(_decoded_blocks) >= _BLOCK_CACHE_ENTRIES:
-                    _decoded_blocks.clear()
-                _decoded_blocks[data] = (tuple(headers), size, indexes)
-        else:
-            fields, size, _ = cached
-            if size > limit:
-                raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
-            headers = list(fields)
-        self._assert_valid_table_size()
-        if not raw:
-            return [(n.decode("utf-8"), v.decode("utf-8")) for n, v in headers]
-        return headers
-
-    def _decode_block(self, data, limit):
-        """
-        @return: C{(fields, size, stateless, indexes)}: C{size} as counted against C{limit}; C{stateless} when
-            the block neither read nor changed the dynamic table; C{indexes} when it has fields to add to it,
-            which changed nothing only because the table's size is 0.
-        """
-        table = self.header_table
-        entry = table.get_by_index
-        static = _STATIC_ENTRIES
-        headers = []
-        size = 0
-        stateless = True
-        indexes = False
-        i = 0
-        end = len(data)
-        while i < end:
-            byte = data[i]
-            i += 1
-            if byte & 0x80:
-                # Indexed field.
-                index = byte & 0x7F
-                if 0 < index <= _STATIC_COUNT:
-                    field = static[index]
-                else:
-                    if index == 0x7F:
-                        index, i = _hpack_varint(data, i, index)
-                    field = entry(index)
-                    stateless = False
-            elif byte & 0x40 or not byte & 0x20:
-                # Literal field: with incremental indexing (01xxxxxx), without (0000xxxx), never indexed (0001xxxx).
-                if byte & 0x40:
-                    index = byte & 0x3F
-                    if index == 0x3F:
-                        index, i = _hpack_varint(data, i, index)
-                else:
-                    index = byte & 0x0F
-                    if index == 0x0F:
-                        index, i = _hpack_varint(data, i, index)
-                if not index:
-                    name, i = self._string(data, i)
-                elif index <= _STATIC_COUNT:
-                    name = static[index][0]
-                else:
-                    name = entry(index)[0]
-                    stateless = False
-                value, i = self._string(data, i)
-                if byte & 0x40:
-                    table.add(name, value)
-                    if table.maxsize:
-                        stateless = False
-                    indexes = True
-                    field = (name, value)
-                elif byte & 0x10:
-                    field = NeverIndexedHeaderTuple(name, value)
-                else:
-                    field = (name, value)
-            else:
-                # Dynamic table size update (001xxxxx): only before the first field.
-                if headers:
-                    raise HPACKDecodingError("Table size update not at the start of the block")
-                new_size = byte & 0x1F
-                if new_size == 0x1F:
-                    new_size, i = _hpack_varint(data, i, new_size)
-                if new_size > self.max_allowed_table_size:
-                    raise InvalidTableSizeError("Encoder exceeded max allowable table size")
-                self.header_table_size = new_size
-                stateless = False
-                continue
-            headers.append(field)
-            size += 32 + len(field[0]) + len(field[1])
-            if size > limit:
-                raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
-        return headers, size, stateless, indexes
-
-    @staticmethod
-    def _string(data, i):
-        byte = data[i]
-        i += 1
-        length = byte & 0x7F
-        if length == 0x7F:
-            length, i = _hpack_varint(data, i, length)
-        end = i + length
-        if end > len(data):
-            raise HPACKDecodingError("Truncated header block")
-        s = data[i:end]
-        if byte & 0x80:
-            cache = _decoded_strings
-            decoded = cache.get(s)
-            if decoded is None:
-                decoded = decode_huffman(s)
-                if length <= _CACHE_MAX_BYTES:
-                    if len(cache) >= _CACHE_ENTRIES:
-                        cache.clear()
-                    cache[s] = decoded
-            s = decoded
-        return s, end
-
-
-# -- Frames ------------------------------------------------------------------------------------------------------
-
-_FRAME_HEADER = struct.Struct(">HBBBL")
-_DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
-_END_STREAM, _END_HEADERS = 0x1, 0x4
-
-
-class _OutFrame:
-    """
-    A DATA, HEADERS or CONTINUATION frame we send, serialized at once: all that h2 does with a frame it queues
-    is to read its C{body_len} and C{serialize()} it. hyperframe's frame objects cost a flag set, padding and
-    priority fields, and a walk over the flags to serialize; these frames carry none of that.
-    """
-
-    __slots__ = ("body_len", "_wire")
-
-    def __init__(self, kind, flags, stream_id, body):
-        n = len(body)
-        self.body_len = n
-        self._wire = _FRAME_HEADER.pack(n >> 8, n & 0xFF, kind, flags, stream_id) + body
-
-    def serialize(self):
-        return self._wire
-
-
-def _header_frames(stream_id, block, max_size, end_stream):
-    """
-    A header block as a HEADERS frame followed, when it is larger than C{max_size}, by CONTINUATION frames.
-    """
-    first = _END_STREAM if end_stream else 0
-    if len(block) <= max_size:
-        return [_OutFrame(_HEADERS, first | _END_HEADERS, stream_id, block)]
-    chunks = [block[i:i + max_size] for i in range(0, len(block), max_size)]
-    last = len(chunks) - 1
-    return [
-        _OutFrame(_CONTINUATION if i else _HEADERS, (0 if i else first) | (_END_HEADERS if i == last else 0),
-                  stream_id, chunk)
-        for i, chunk in enumerate(chunks)
-    ]
-
-
-class _Received:
-    """
-    A frame read by L{_FrameBuffer}, parsed by hyperframe's C{parse_body}, without hyperframe's per-frame set-up:
-    its flags are a plain set of the flag names.
-    """
-
-    def __init__(self, stream_id):
-        self.stream_id = stream_id
-        self.flags = set()
-        self.body_len = 0
-        self.pad_length = 0
-        self.data = b""
-
-
-class _ReceivedHeaders(_Received, HeadersFrame):
-    # Set by parse_body when the frame carries priority data.
-    depends_on = 0
-    stream_weight = 0
-    exclusive = False
-
-
-class _ReceivedData(_Received, DataFrame):
-    pass
-
-
-_RECEIVED = {
-    _DATA: (_ReceivedData, tuple(DataFrame.defined_flags)),
-    _HEADERS: (_ReceivedHeaders, tuple(HeadersFrame.defined_flags)),
-}
-
-
-class _FrameBuffer(FrameBuffer):
-    """
-    h2's frame buffer, with the two frames of every request (HEADERS and DATA) made as L{_ReceivedHeaders} and
-    L{_ReceivedData}: the same checks and hyperframe's parsing of the body, at a third of the cost. Every other
-    frame goes through h2's own code.
-
-    A frame longer than the maximum frame size is refused as soon as its header arrives. h2 waits for the whole
-    frame first, so a peer announcing a 16 MiB frame could make it buffer that much per connection; here what is
-    buffered stays within one frame of the size we allow.
-    """
-
-    def __next__(self):
-        data = self._data
-        if len(data) < 9:
-            raise StopIteration
-        hi, lo, kind, flag_byte, stream_id = _FRAME_HEADER.unpack_from(data)
-        length = (hi << 8) + lo
-        self._validate_frame_length(length)
-        lean = _RECEIVED.get(kind)
-        if lean is None:
-            return FrameBuffer.__next__(self)
-        if len(data) < length + 9:
-            raise StopIteration
-        stream_id &= 0x7FFFFFFF
-        if not stream_id:
-            raise ProtocolError("Received frame with invalid header: a DATA or HEADERS frame on stream 0")
-        cls, defined = lean
-        frame = cls(stream_id)
-        flags = frame.flags
-        for name, bit in defined:
-            if flag_byte & bit:
-                flags.add(name)
-        try:
-            frame.parse_body(memoryview(data[9:9 + length]))
-        except InvalidDataError as err:
-            raise ProtocolError("Received frame with non-compliant data") from err
-        except InvalidFrameError as err:
-            raise FrameDataMissingError("Frame data missing or invalid") from err
-        del data[:9 + length]
-        frame = self._update_header_buffer(frame)
-        return frame if frame is not None else self.__next__()
-
-
-class _LeanStream(H2Stream):
-    """
-    An L{H2Stream} for connections whose header validation and normalisation are off (all of the proxy's).
-
-    h2 still builds validation flags for every header block, re-encodes every sent block as UTF-8 and copies
-    every received one, although with validation off nothing reads the flags and the blocks are already the
-    byte pairs it would produce. This stream skips that work; the state machine, flow control and the
-    content-length checks are h2's own.
-
-    Header blocks given to L{send_headers} must be C{(bytes, bytes)} pairs (or hpack C{HeaderTuple}s of bytes).
-    """
-
-    def send_headers(self, headers, encoder, end_stream=False):
-        machine = self.state_machine
-        client = machine.client
-        method = None
-        informational = False
-        for name, value in headers:
-            if name[:1] != b":":
-                break
-            if name == b":status":
-                informational = value[:1] == b"1"
-            elif name == b":method":
-                method = value
-        if informational and not client:
-            if end_stream:
-                raise ProtocolError("Cannot set END_STREAM on informational responses.")
-            machine.process_input(StreamInputs.SEND_INFORMATIONAL_HEADERS)
-        else:
-            machine.process_input(StreamInputs.SEND_HEADERS)
-        if end_stream:
-            machine.process_input(StreamInputs.SEND_END_STREAM)
-        elif machine.trailers_sent:
-            raise ProtocolError("Trailers must have END_STREAM set.")
-        # h2 reads the request method to expect no body after a response to HEAD.
-        self.request_method = method
-        return _header_frames(self.stream_id, encoder.encode(headers), self.max_outbound_frame_size, end_stream)
-
-    def send_data(self, data, end_stream=False, pad_length=None):
-        if pad_length is not None:
-            return H2Stream.send_data(self, data, end_stream, pad_length)
-        machine = self.state_machine
-        machine.process_input(StreamInputs.SEND_DATA)
-        if type(data) is not bytes:
-            data = bytes(data)
-        if end_stream:
-            machine.process_input(StreamInputs.SEND_END_STREAM)
-        self.outbound_flow_control_window -= len(data)
-        return [_OutFrame(_DATA, _END_STREAM if end_stream else 0, self.stream_id, data)]
-
-    def end_stream(self):
-        self.state_machine.process_input(StreamInputs.SEND_END_STREAM)
-        return [_OutFrame(_DATA, _END_STREAM, self.stream_id, b"")]
-
-    def _build_hdr_validation_flags(self, events):
-        return None
-
-    def _process_received_headers(self, headers, header_validation_flags, header_encoding):
-        return headers if type(headers) is list else list(headers)
-
-
-class _Connection(H2Connection):
-    """
-    An L{H2Connection} on which GOAWAY is graceful: the frame is reported as L{ConnectionTerminated} but the
-    connection stays open, so streams the GOAWAY lets finish can finish.
-
-    It also counts open streams lazily (L{_open_streams}), makes its streams L{_LeanStream}s, does not build a
-    trace message for every frame received (L{_receive_frame}), and remembers only the last
-    L{CLOSED_STREAMS_KEPT} closed streams.
-
-    These override private methods of h2, whose version C{setup.cfg} bounds for that reason; the tests in
-    C{tests/test_h2.py} and the interop tests exercise each of them.
-    """
-
-    # A walk over the streams is due once this many are held (see _open_streams).
-    _walk_at = 0
-
-    def __init__(self, config):
-        H2Connection.__init__(self, config=config)
-        self._outbound_parity = int(config.client_side)
-        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
-        self._closed_streams = SizeLimitDict(size_limit=CLOSED_STREAMS_KEPT)
-        self._frame_dispatch_table[_ReceivedHeaders] = self._receive_headers_frame
-        self._frame_dispatch_table[_ReceivedData] = self._receive_data_frame
-
-    def _begin_new_stream(self, stream_id, allowed_ids):
-        """
-        h2's own, making a L{_LeanStream}.
-        """
-        outbound = (stream_id & 1) == self._outbound_parity
-        highest = self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
-        if stream_id <= highest:
-            raise StreamIDTooLowError(stream_id, highest)
-        if (stream_id & 1) != int(allowed_ids):
-            raise ProtocolError("Invalid stream ID for peer.")
-        stream = _LeanStream(
-            stream_id, config=self.config,
-            inbound_window_size=self.local_settings.initial_window_size,
-            outbound_window_size=self.remote_settings.initial_window_size,
-        )
-        stream.max_outbound_frame_size = self.max_outbound_frame_size
-        self.streams[stream_id] = stream
-        if outbound:
-            self.highest_outbound_stream_id = stream_id
-        else:
-            self.highest_inbound_stream_id = stream_id
-        return stream
-
-    def _receive_frame(self, frame):
-        """
-        h2's own without its trace line, whose C{repr(frame)} is built for every frame even when nothing logs
-        it (about 5% of the proxy's CPU on HTTP/2).
-        """
-        try:
-            frames, events = self._frame_dispatch_table[frame.__class__](frame)
-        except StreamClosedError as e:
-            # A stream we reset: answer with RST_STREAM; otherwise a connection error.
-            if not self._stream_is_closed_by_reset(e.stream_id):
-                raise
-            f = RstStreamFrame(e.stream_id)
-            f.error_code = e.error_code
-            self._prepare_for_sending([f])
-            events = e._events
-        except StreamIDTooLowError as e:
-            # A stream reset by us is a stream error; one ended normally or closed implicitly, a connection error.
-            if self._stream_is_closed_by_reset(e.stream_id):
-                f = RstStreamFrame(e.stream_id)
-                f.error_code = ErrorCodes.STREAM_CLOSED
-                self._prepare_for_sending([f])
-                events = []
-            elif self._stream_is_closed_by_end(e.stream_id):
-                raise StreamClosedError(e.stream_id) from e
-            else:
-                raise
-        else:
-            self._prepare_for_sending(frames)
-        return events
-
-    def _open_streams(self, remainder):
-        """
-        h2 walks every stream it holds to count the open ones (dropping the closed ones) each time a stream
-        opens, which is O(streams) per request on a busy multiplexed connection. Its only callers
-        (C{open_outbound_streams}, C{open_inbound_streams}) compare the count with the concurrency limit, and
-        the number of streams held is an upper bound of it: the walk happens only when that bound reaches the
-        limit, or when the streams held have doubled since the last walk (to drop the closed ones).
-
-        @return: the number of open streams of that parity, or an upper bound of it below the limit.
-        """
-        held = len(self.streams)
-        if held < self._walk_at:
-            if remainder == self._outbound_parity:
-                limit = self.remote_settings.max_concurrent_streams
-            else:
-                limit = self.local_settings.max_concurrent_streams
-            if held < limit:
-                return held
-        count = H2Connection._open_streams(self, remainder)
-        self._walk_at = 2 * len(self.streams) + 32
-        return count
-
-    def drop_closed(self, stream_id):
-        """
-        Forget stream C{stream_id} now if it is closed, as h2's walk in C{_open_streams} would, so the streams
-        held stay close to the open ones and that walk is seldom due.
-        """
-        stream = self.streams.get(stream_id)
-        if stream is not None and stream.state_machine.state is _CLOSED:
-            del self.streams[stream_id]
-            self._closed_streams[stream_id] = stream.closed_by
-
-    def _receive_goaway_frame(self, frame):
-        event = ConnectionTerminated()
-        event.error_code = _error_code(frame.error_code)
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
 
 
 def _new_connection(config, client, max_header_bytes):
-    conn = _Connection(config=config)
-    conn.encoder = _Encoder()
-    conn.decoder = _Decoder()
-    # h2 enforces its decoder limit as a connection error; keep that as the hard cap at twice the soft limit,
-    # over which a single request only gets 431.
-    hard = 2 * max_header_bytes
-    values = {
-        SettingCodes.MAX_HEADER_LIST_SIZE: hard,
-        SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-    }
-    if client:
-        values[SettingCodes.ENABLE_PUSH] = 0
-    else:
-        values[SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_CONCURRENT_STREAMS
-    # Values given at construction are current at once (not pending an ACK), so h2 enforces them from the start.
-    conn.local_settings = Settings(client=client, initial_values=values)
-    conn.decoder.max_header_list_size = hard
-    conn.initiate_connection()
-    conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-    return conn
+    # The proxy's own limits, bound here so that the library-facing code takes them as parameters.
+    return new_connection(config, client, max_header_bytes, STREAM_WINDOW, CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS)
 
 
 def _prepare_request(headers, client_id):

@@ -44,8 +44,9 @@ from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, Respo
 from linkproxy.core.headers import normalize_authority
 from linkproxy.layers.stack import CONNECT, RESET, RESPONSE
 from linkproxy.net.context import PLAIN, route_metrics
-from linkproxy.net.splice import direct_writer, set_nodelay
+from linkproxy.net.splice import set_nodelay
 from linkproxy.net.tcp import connect_error_label
+from linkproxy.net.twisted_private import direct_writer
 
 log = Logger(namespace="linkproxy.net.http1")
 

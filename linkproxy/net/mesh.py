@@ -13,9 +13,9 @@ L{MeshServer.protocol} returns the protocol that takes the connection. After the
 transport header if one follows, and calls C{on_ready(peer, header)} for the protocol that gets the plaintext
 stream, handing over the same way detection does: C{makeConnection}, the bytes read so far, then every event.
 
-Both ends use L{MeshTLSTransport}, Twisted's TLS transport taught TLS 1.3 half-close, so that opaque TCP keeps
-its half-close semantics across the mesh (a client's EOF arrives as C{readConnectionLost}, and the answer can
-still flow back).
+Both ends use L{MeshTLSTransport} (from L{linkproxy.net.twisted_private}), Twisted's TLS transport taught TLS 1.3
+half-close, so that opaque TCP keeps its half-close semantics across the mesh (a client's EOF arrives as
+C{readConnectionLost}, and the answer can still flow back).
 
 L{authz_metrics} counts inbound policy decisions (L{linkproxy.core.policy.authorize}); L{AuthorizingRouter}
 applies one to HTTP requests.
@@ -23,7 +23,7 @@ applies one to HTTP requests.
 
 import weakref
 
-from OpenSSL.SSL import Error as SSLError, WantReadError, ZeroReturnError
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet import error
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
@@ -33,8 +33,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,7 +42,6 @@ from linkproxy.core.detect import Protocol as Detected
 from linkproxy.core.endpoint import format_address
 from linkproxy.net.connect import client_endpoint
 from linkproxy.net.context import PeerInfo
-from linkproxy.net.splice import install_direct_write
 from linkproxy.net.tls import (
     IdentityNotReady,
     PeerIdentityMismatch,
@@ -51,6 +49,7 @@ from linkproxy.net.tls import (
     peer_identity,
     server_context_factory,
 )
+from linkproxy.net.twisted_private import MeshTLSTransport, install_direct_write
 
 __all__ = [
     "MeshConnector", "MeshServer", "MeshTLSTransport", "tls_error_label",
@@ -98,107 +97,6 @@ def tls_error_label(failure, verify_error=None):
     if "version" in text or "unsupported protocol" in text or "no protocols available" in text:
         return "version"
     return "handshake"
-
-
-# --- TLS transport with half-close ----------------------------------------------------------------------
-
-
-class MeshTLSTransport(TLSMemoryBIOProtocol):
-    """
-    Twisted's TLS transport, unbuffered, plus TLS 1.3 half-close in both directions.
-
-    Unbuffered: Twisted's default (C{BufferingTLSTransport}) holds every write until the next reactor turn to
-    merge small writes; linkproxy's protocols already write once per event, so that only added a timer and a
-    loop iteration of latency to every response.
-
-    Twisted treats a peer's close_notify as the end of the whole connection, and forwards
-    C{loseWriteConnection} to the TCP socket underneath (a FIN inside a TLS stream, ahead of buffered records).
-    RFC 8446 section 6.1 lets each side close its write side alone, and opaque TCP between proxies needs it:
-    C{loseWriteConnection} here sends close_notify after the pending records and keeps reading, and a peer's
-    close_notify is delivered to an L{IHalfCloseableProtocol} as C{readConnectionLost} while writing goes on.
-    The TCP connection closes once both directions are done.
-
-    @ivar verify_error: the X509 error code of the peer's chain when verification failed (server side).
-    """
-
-    verify_error = None
-    _write_shut = False
-    _read_shut = False
-    _shut_pending = False
-
-    def loseWriteConnection(self):
-        """
-        Send close_notify once what was written so far is out; keep reading.
-        """
-        if self.disconnecting or not self.connected or self._write_shut or self._shut_pending:
-            return
-        # Writes after this are dropped, like writes after loseConnection.
-        self.write = _drop
-        if self._handshakeDone and not self._appSendBuffer:
-            self._send_close_notify()
-        else:
-            self._shut_pending = True
-
-    def dataReceived(self, data):
-        TLSMemoryBIOProtocol.dataReceived(self, data)
-        # A half-close asked for before the handshake, with nothing buffered, has no unbuffering to wait for.
-        if self._shut_pending and self._handshakeDone and not self._appSendBuffer:
-            self._send_close_notify()
-
-    def writeSequence(self, iovec):
-        """
-        Write C{iovec} joined (through L{write}, so that writes after a half-close are dropped).
-        """
-        self.write(b"".join(iovec))
-
-    def _send_close_notify(self):
-        self._shut_pending = False
-        self._write_shut = True
-        if self._lostTLSConnection:
-            return
-        try:
-            self._tlsConnection.shutdown()
-        except SSLError:
-            pass
-        self._flushSendBIO()
-        if self._read_shut:
-            self.transport.loseConnection()
-
-    def _unbufferPendingWrites(self):
-        TLSMemoryBIOProtocol._unbufferPendingWrites(self)
-        if self._shut_pending and not self._appSendBuffer:
-            self._send_close_notify()
-
-    def _flushReceiveBIO(self):
-        # Twisted's loop, except that a close_notify from the peer ends only the read side when the protocol
-        # can take a half-close.
-        while not self._lostTLSConnection and not self._read_shut:
-            try:
-                data = self._tlsConnection.recv(2 ** 15)
-            except WantReadError:
-                break
-            except ZeroReturnError:
-                half = IHalfCloseableProtocol(self.wrappedProtocol, None)
-                if half is None or self.disconnecting:
-                    self._shutdownTLS()
-                    self._tlsShutdownFinished(None)
-                    break
-                self._read_shut = True
-                half.readConnectionLost()
-                if self._write_shut and self.transport is not None:
-                    self.transport.loseConnection()
-                break
-            except SSLError:
-                self._tlsShutdownFinished(Failure())
-            else:
-                if not self._aborted:
-                    ProtocolWrapper.dataReceived(self, data)
-        if self._tlsConnection is not None:
-            self._flushSendBIO()
-
-
-def _drop(data):
-    pass
 
 
 class _MeshTLSFactory(TLSMemoryBIOFactory):

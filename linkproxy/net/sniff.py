@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from linkproxy.core.detect import DETECT_BUFFER, Detection, Protocol as Detected, detect
-from linkproxy.net.splice import install_direct_write
+from linkproxy.net.twisted_private import install_direct_write
 
 __all__ = ["SniffingProtocol", "OnDetected"]
 

@@ -6,15 +6,14 @@ fast writer's socket instead of growing a buffer: memory per connection stays at
 The accepted side is paused until the upstream connects, so nothing is read that cannot be forwarded.
 """
 
-import socket
-
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from linkproxy.net.twisted_private import direct_writer
 
 log = Logger(namespace="linkproxy.net.splice")
 
@@ -29,60 +28,6 @@ def set_nodelay(transport):
             setter(True)
         except OSError:
             pass
-
-
-def direct_writer(transport):
-    """
-    A C{write} for C{transport} that sends at once when nothing is queued, instead of on the next reactor turn.
-
-    Twisted's C{write} always queues and asks the reactor to watch for writability, which costs two epoll
-    changes and a loop iteration per chunk; measured here that is a large share of a splice's CPU. When the
-    queue is empty the bytes go straight to the socket, and only what the kernel did not take is queued with
-    the ordinary C{write} (so ordering, backpressure and close handling stay Twisted's). Transports that are
-    not plain TCP connections (TLS, test transports) get their own C{write}.
-    """
-    # An exact type test: wrappers such as the TLS transport forward unknown attributes to the TCP transport
-    # beneath them, and sending to that socket would bypass the wrapper (plaintext past TLS).
-    if not isinstance(transport, Connection) or not isinstance(transport.__dict__.get("socket"), socket.socket):
-        return transport.write
-    installed = transport.__dict__.get("write")
-    if installed is not None:
-        # install_direct_write already made this transport's own write direct.
-        return installed
-    write = transport.write
-    send = transport.socket.send
-
-    def direct_write(data):
-        if (transport._tempDataLen or len(transport.dataBuffer) != transport.offset
-                or not transport.connected or transport.disconnecting or transport._writeDisconnected):
-            write(data)
-            return
-        try:
-            sent = send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            # Let Twisted's own write path meet the error and close the connection the usual way.
-            write(data)
-            return
-        if sent < len(data):
-            write(data[sent:])
-
-    return direct_write
-
-
-def install_direct_write(transport):
-    """
-    Make C{transport.write} itself the L{direct_writer}, for every protocol that writes to it.
-
-    This is how wrapping protocols benefit too: a TLS layer writes its records to the TCP transport beneath
-    it, and those writes then go straight to the socket when nothing is queued. A no-op for transports that
-    are not plain TCP connections.
-    """
-    if isinstance(transport, Connection) and "write" not in transport.__dict__:
-        writer = direct_writer(transport)
-        if writer is not transport.write:
-            transport.write = writer
 
 
 @implementer(IHalfCloseableProtocol)

@@ -31,7 +31,7 @@ class Backend:
         self.name = name
         env = dict(os.environ, PYTHONPATH=ROOT)
         self.process = subprocess.Popen([sys.executable, "-m", "tests.stack_backend", kind, name],
-                                        stdout=subprocess.PIPE, env=env, cwd=ROOT)
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
         self.port = int(self.process.stdout.readline())
         self.address = f"127.0.0.1:{self.port}"
         testcase.addCleanup(self.stop)

@@ -65,7 +65,7 @@ class RequestStack:
             call.concrete = self.split.concrete(profile, authority)
             call.budget = self.profiles.budget(profile.target)
             call.budget.deposit(now)
-            metrics = call.metrics = self.metrics.route(self.direction, authority, route.name)
+            metrics = call.metrics = self.metrics.route(self.direction, profile.target, route.name)
             metrics.requests.inc()
         call.timeout, call.timeout_reason = self.timeout.limit(route, grpc_timeout)
         return call

@@ -23,7 +23,8 @@ def http_layer(runtime, direction, router):
         reactor=runtime.reactor, response_timeout=config.response_timeout,
         max_header_bytes=config.max_header_bytes, pool_idle_timeout=config.pool_idle_timeout,
         pool_max_idle=config.pool_max_idle, tracker=runtime.tracker,
-        dst_override=config.dst_override and direction == "outbound")
+        dst_override=config.dst_override and direction == "outbound",
+        profiles=runtime.profiles if direction == "outbound" else None)
     settings.h1_pool = Http1Pool(settings)
     if direction == "outbound" and config.h2_upgrade:
         # HTTP/1 to meshed endpoints goes to their proxy as HTTP/2 streams (l5d-orig-proto).

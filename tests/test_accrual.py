@@ -1,6 +1,6 @@
 """
-Tests for L{linkproxy.core.backoff} and L{linkproxy.core.accrual}: jittered exponential backoff and
-consecutive-failure ejection with a single probe.
+Tests for L{linkproxy.core.backoff} and L{linkproxy.core.accrual}: jittered exponential backoff, the steady
+probe pace, and consecutive-failure ejection with a single probe.
 """
 
 from random import Random
@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from linkproxy.core.accrual import EJECTED, PROBING, READY, FailureAccrual
-from linkproxy.core.backoff import Backoff
+from linkproxy.core.backoff import Backoff, ProbeInterval
 
 pure = settings(derandomize=True, database=None, deadline=None, max_examples=200)
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
@@ -86,6 +86,45 @@ class BackoffTests(SynchronousTestCase):
         random = Random(seed)
         delays = [backoff.delay(n, random) for n in range(12)]
         self.assertEqual(delays, sorted(delays))
+
+
+class ProbeIntervalTests(SynchronousTestCase):
+    """
+    L{ProbeInterval}: the same jittered delay, C{interval} to C{interval * (1 + jitter)}, for every attempt.
+    """
+
+    def test_defaults(self):
+        """
+        By default every delay lies in [1, 1.25] s, and the delays vary with the generator.
+        """
+        pace = ProbeInterval()
+        random = Random(3)
+        delays = [pace.delay(n, random) for n in range(200)]
+        self.assertEqual(pace.bounds(0), (1.0, 1.25))
+        self.assertEqual(pace.bounds(50), (1.0, 1.25))
+        self.assertTrue(all(1.0 <= d <= 1.25 for d in delays), delays)
+        self.assertGreater(len(set(delays)), 150)
+
+    def test_invalid(self):
+        """
+        A non-positive interval, negative jitter or a negative attempt are refused with L{ValueError}.
+        """
+        self.assertRaises(ValueError, ProbeInterval, 0.0)
+        self.assertRaises(ValueError, ProbeInterval, 1.0, -0.1)
+        self.assertRaises(ValueError, ProbeInterval().delay, -1, Random(0))
+        self.assertRaises(ValueError, ProbeInterval().bounds, -1)
+
+    @pure
+    @given(seeds, st.integers(min_value=0, max_value=10**6), st.floats(min_value=0.001, max_value=100.0),
+           st.floats(min_value=0.0, max_value=2.0))
+    def test_withinBounds(self, seed, attempt, interval, jitter):
+        """
+        Every delay lies within L{ProbeInterval.bounds}, never below the interval.
+        """
+        pace = ProbeInterval(interval, jitter)
+        lo, hi = pace.bounds(attempt)
+        self.assertEqual(lo, interval)
+        self.assertTrue(lo <= pace.delay(attempt, Random(seed)) <= hi)
 
 
 class FailureAccrualTests(SynchronousTestCase):
@@ -213,3 +252,117 @@ class FailureAccrualTests(SynchronousTestCase):
                 self.assertEqual(accrual.state(0.0), EJECTED)
                 return
             self.assertEqual(accrual.state(0.0), READY)
+
+
+class ProbePaceTests(SynchronousTestCase):
+    """
+    With the default L{ProbeInterval}, a recovered endpoint is back within about a second and a dead one is
+    probed at most once a second.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.random = Random(99)
+
+    def eject(self, accrual):
+        for _ in range(accrual.max_failures):
+            accrual.on_start(self.clock.seconds())
+            accrual.on_finish(self.clock.seconds(), False, self.random)
+
+    def test_recoversWithinASecondAndAQuarter(self):
+        """
+        The probe becomes allowed 1 to 1.25 s after the ejection, and its success makes the endpoint ready.
+        """
+        accrual = FailureAccrual()
+        self.eject(accrual)
+        self.clock.advance(0.99)
+        self.assertFalse(accrual.available(self.clock.seconds()))
+        self.clock.advance(0.26)
+        now = self.clock.seconds()
+        self.assertTrue(accrual.available(now))
+        accrual.on_start(now)
+        self.assertEqual(accrual.on_finish(now + 0.01, True, self.random), READY)
+        self.assertEqual(accrual.state(now + 0.01), READY)
+
+    def test_deadEndpointProbedOncePerSecond(self):
+        """
+        An endpoint whose every probe fails (as a connect to a killed process does, at once) is sent no more
+        than one request a second, over a long outage; every ejection stays within the pace's bounds.
+        """
+        accrual = FailureAccrual()
+        self.eject(accrual)
+        ejected_at = self.clock.seconds()
+        probes = []
+        # Offer a request every 10 ms for 60 s, as 100 req/s of traffic would.
+        for _ in range(6000):
+            self.clock.advance(0.01)
+            now = self.clock.seconds()
+            if accrual.available(now):
+                accrual.on_start(now)
+                probes.append(now)
+                self.assertIsNone(accrual.on_finish(now, False, self.random))
+        self.assertTrue(48 <= len(probes) <= 60, len(probes))
+        gaps = [b - a for a, b in zip([ejected_at] + probes, probes)]
+        self.assertTrue(all(gap >= 1.0 for gap in gaps), min(gaps))
+        self.assertTrue(all(gap <= 1.25 + 0.01 + 1e-9 for gap in gaps), max(gaps))
+
+    def test_cancelledProbesKeepThePace(self):
+        """
+        Probes that their clients cancel free the probe, but the next one still waits for the pace, so clients
+        giving up cannot make the proxy probe a dead endpoint faster.
+        """
+        accrual = FailureAccrual()
+        self.eject(accrual)
+        probes = 0
+        for _ in range(1000):
+            self.clock.advance(0.01)
+            now = self.clock.seconds()
+            if accrual.available(now):
+                accrual.on_start(now)
+                probes += 1
+                accrual.on_cancel(now + 0.005, self.random)
+        self.assertTrue(8 <= probes <= 10, probes)
+        self.assertEqual(accrual.failures, 0)
+
+    def test_cancelWithoutRandomFreesAtOnce(self):
+        """
+        The older C{on_cancel(now)} form frees the probe for the very next request.
+        """
+        accrual = FailureAccrual()
+        self.eject(accrual)
+        later = accrual.ejected_until
+        accrual.on_start(later)
+        self.assertFalse(accrual.available(later))
+        accrual.on_cancel(later)
+        self.assertTrue(accrual.available(later))
+
+    def test_neutralOutcomesNeverEject(self):
+        """
+        Thousands of cancelled requests, between failures or not, never eject nor count as failures.
+        """
+        accrual = FailureAccrual()
+        for i in range(5000):
+            now = i * 0.001
+            accrual.on_start(now)
+            accrual.on_cancel(now, self.random)
+            if i % 1000 == 0:
+                accrual.on_start(now)
+                accrual.on_finish(now, False, self.random)
+        self.assertEqual(accrual.state(5.0), READY)
+        self.assertEqual(accrual.failures, 5)
+
+    def test_transitions(self):
+        """
+        L{FailureAccrual.on_finish} says when the endpoint was ejected and when it recovered, and nothing for a
+        failed probe; it records the latest failure's time, even for outcomes it otherwise ignores.
+        """
+        accrual = FailureAccrual(max_failures=2)
+        self.assertIsNone(accrual.on_finish(1.0, False, self.random))
+        self.assertEqual(accrual.last_failure, 1.0)
+        self.assertEqual(accrual.on_finish(2.0, False, self.random), EJECTED)
+        self.assertIsNone(accrual.on_finish(2.5, False, self.random))
+        self.assertEqual(accrual.last_failure, 2.5)
+        probe_at = accrual.ejected_until
+        self.assertIsNone(accrual.on_finish(probe_at, False, self.random))
+        self.assertEqual(accrual.on_finish(accrual.ejected_until, True, self.random), READY)
+        self.assertIsNone(accrual.on_finish(100.0, True, self.random))

@@ -27,7 +27,7 @@ from linkproxy.core.balancer import (
     choose_two,
 )
 from linkproxy.core.endpoint import Endpoint
-from linkproxy.interfaces import IBalancer, IBalancerFactory
+from linkproxy.interfaces import IBalancer, IBalancerFactory, IResilientBalancer
 from tests.test_balancer_plugins import PluginDirectoryMixin
 
 pure = settings(derandomize=True, database=None, deadline=None, max_examples=100)
@@ -187,6 +187,7 @@ class BalancerTests(PluginDirectoryMixin, SynchronousTestCase):
         """
         for cls in ALL:
             verifyObject(IBalancer, cls(Random(0)))
+            verifyObject(IResilientBalancer, cls(Random(0)))
         for name, factory in BUILTIN_BALANCERS.items():
             verifyObject(IBalancerFactory, factory)
             self.assertEqual(factory.name, name)
@@ -571,4 +572,237 @@ class CancelTests(SynchronousTestCase):
         balancer.start(probe, later)
         self.assertIsNone(balancer.pick(later))
         balancer.finish(probe, later, None, None)
-        self.assertIs(balancer.pick(later), endpoint)
+        # The next probe waits for the probe pace (1 to 1.25 s), so cancelled probes cannot speed it up.
+        self.assertIsNone(balancer.pick(later + 0.99))
+        self.assertIs(balancer.pick(later + 1.25), endpoint)
+
+
+class AvoidTests(SynchronousTestCase):
+    """
+    C{pick(now, avoid)} never returns C{avoid} while another endpoint is available.
+    """
+
+    def test_neverAvoided(self):
+        """
+        Every built-in balancer, with uniform or mixed weights, picks among the others.
+        """
+        for cls in ALL:
+            for weights in ((1, 1, 1), (5, 1, 1), (1, 1, 9)):
+                balancer = cls(Random(5))
+                eps = [endpoint(i + 1, w) for i, w in enumerate(weights)]
+                balancer.update(eps, 0.0)
+                for avoid in eps:
+                    picks = Counter()
+                    for _ in range(300):
+                        ep = balancer.pick(0.0, avoid)
+                        balancer.start(ep, 0.0)
+                        # No RTT, so that costs stay level and every balancer spreads over the others.
+                        balancer.finish(ep, 0.0, None, None)
+                        picks[ep] += 1
+                    self.assertNotIn(avoid, picks, (cls, weights))
+                    if len(set(weights)) == 1:
+                        # Idle P2C with mixed weights lets the heavier one win outright; level ones share.
+                        self.assertEqual(len(picks), 2, (cls, weights, picks))
+
+    def test_matchedByAddress(self):
+        """
+        C{avoid} is matched by address: the same endpoint with other metadata is still avoided.
+        """
+        for cls in ALL:
+            balancer = cls(Random(6))
+            balancer.update([endpoint(1), endpoint(2)], 0.0)
+            other = Endpoint(endpoint(1).address, weight=3.0, identity="x")
+            self.assertEqual({balancer.pick(0.0, other) for _ in range(50)}, {endpoint(2)}, cls)
+
+    def test_onlyCandidate(self):
+        """
+        When C{avoid} is the only available endpoint it is picked all the same (a retry to it beats none),
+        and an unknown C{avoid} changes nothing.
+        """
+        for cls in ALL:
+            balancer = cls(Random(7))
+            sick, well = endpoint(1), endpoint(2)
+            balancer.update([sick, well], 0.0)
+            eject(balancer, sick, 0.0)
+            self.assertEqual(balancer.pick(0.5, well), well, cls)
+            self.assertEqual(balancer.pick(0.5, endpoint(9)), well, cls)
+
+    def test_avoidWithEjected(self):
+        """
+        With one endpoint ejected and one avoided, the third is the only choice.
+        """
+        for cls in ALL:
+            balancer = cls(Random(8))
+            eps = [endpoint(1), endpoint(2), endpoint(3)]
+            balancer.update(eps, 0.0)
+            eject(balancer, eps[0], 0.0)
+            self.assertEqual({balancer.pick(0.5, eps[1]) for _ in range(50)}, {eps[2]}, cls)
+
+    def test_p2cComparesOthers(self):
+        """
+        The power-of-two-choices balancers compare two of the other endpoints, never C{avoid}.
+        """
+        for cls in (RecordingP2CEwma, RecordingLeastRequest):
+            balancer = cls(Random(9))
+            eps = [endpoint(i) for i in range(1, 5)]
+            balancer.update(eps, 0.0)
+            for _ in range(100):
+                balancer.pick(0.0, eps[0])
+            self.assertTrue(balancer.compared)
+            self.assertTrue(all(eps[0] not in pair for pair in balancer.compared))
+
+    def test_roundRobinSkips(self):
+        """
+        Round-robin skips the avoided endpoint and carries on its rotation afterwards.
+        """
+        balancer = RoundRobinBalancer(Random(10))
+        eps = [endpoint(1), endpoint(2), endpoint(3)]
+        balancer.update(eps, 0.0)
+        first = [balancer.pick(0.0) for _ in range(3)]
+        self.assertEqual(sorted(first, key=eps.index), eps)
+        self.assertNotEqual(balancer.pick(0.0, first[0]), first[0])
+        later = Counter(balancer.pick(0.0) for _ in range(300))
+        self.assertTrue(all(95 <= n <= 105 for n in later.values()), later)
+
+
+class PanicPickTests(SynchronousTestCase):
+    """
+    C{panic_pick(now, avoid)}: when nothing is available, the endpoint that failed least recently.
+    """
+
+    def test_leastRecentlyFailed(self):
+        """
+        With every endpoint ejected, L{pick} gives nothing and C{panic_pick} the one whose latest failure is
+        oldest; each failure sends an endpoint to the back of that order.
+        """
+        for cls in ALL:
+            balancer = cls(Random(11))
+            eps = [endpoint(1), endpoint(2), endpoint(3)]
+            balancer.update(eps, 0.0)
+            eject(balancer, eps[1], 1.0)
+            eject(balancer, eps[0], 1.2)
+            eject(balancer, eps[2], 1.4)
+            self.assertIsNone(balancer.pick(1.5))
+            self.assertEqual(balancer.panic_pick(1.5), eps[1], cls)
+            balancer.start(eps[1], 1.6)
+            balancer.finish(eps[1], 1.6, None, False)
+            self.assertEqual(balancer.panic_pick(1.6), eps[0], cls)
+            self.assertEqual(balancer.panic_pick(1.6, eps[0]), eps[2], cls)
+
+    def test_nothingToFallBackTo(self):
+        """
+        Empty sets and weight-0 endpoints give C{None}: panic mode never sends to a drained endpoint.
+        """
+        for cls in ALL:
+            balancer = cls(Random(12))
+            self.assertIsNone(balancer.panic_pick(0.0))
+            balancer.update([endpoint(1, 0)], 0.0)
+            self.assertIsNone(balancer.panic_pick(0.0))
+            balancer.update([endpoint(1, 0), endpoint(2)], 0.0)
+            eject(balancer, endpoint(2), 0.0)
+            self.assertEqual(balancer.panic_pick(0.0), endpoint(2))
+            self.assertEqual(balancer.panic_pick(0.0, endpoint(2)), endpoint(2), "the only one left")
+
+    def test_panicOutcomesDoNotExtendEjection(self):
+        """
+        Requests sent in panic mode while the ejection lasts do not change it; the probe still comes on time.
+        """
+        balancer = P2CEwmaBalancer(Random(13), backoff=Backoff(min=1.0, max=1.0, jitter=0.0))
+        ep = endpoint(1)
+        balancer.update([ep], 0.0)
+        eject(balancer, ep, 0.0)
+        for i in range(50):
+            now = 0.01 * i
+            self.assertEqual(balancer.panic_pick(now), ep)
+            balancer.start(ep, now)
+            balancer.finish(ep, now, None, bool(i % 2))
+        self.assertEqual(balancer.snapshot(0.99)[0][1], "ejected")
+        self.assertEqual(balancer.pick(1.0), ep)
+        balancer.start(ep, 1.0)
+        balancer.finish(ep, 1.01, 0.01, True)
+        self.assertEqual(balancer.snapshot(1.01)[0][1], "ready")
+
+
+class ListenTests(SynchronousTestCase):
+    """
+    C{listen(listener)} reports ejections and recoveries, once each.
+    """
+
+    def test_transitions(self):
+        """
+        The seventh consecutive failure reports an ejection with its reason, failed probes report nothing,
+        and a successful probe reports the recovery.
+        """
+        for cls in ALL:
+            events = []
+            balancer = cls(Random(14))
+            balancer.listen(lambda *event: events.append(event))
+            ep, other = endpoint(1), endpoint(2)
+            balancer.update([ep, other], 0.0)
+            eject(balancer, ep, 0.0)
+            self.assertEqual(events, [(ep, "ejected", "7 consecutive failures")])
+            probe_at = 1.25
+            self.assertEqual(balancer.pick(probe_at, other), ep)
+            balancer.start(ep, probe_at)
+            balancer.finish(ep, probe_at, None, False)
+            self.assertEqual(len(events), 1)
+            probe_at += 1.25
+            balancer.start(ep, probe_at)
+            balancer.finish(ep, probe_at, 0.01, True)
+            self.assertEqual(events[1:], [(ep, "recovered", "probe succeeded")], cls)
+            balancer.listen(None)
+            eject(balancer, ep, 10.0)
+            self.assertEqual(len(events), 2)
+
+    def test_healthyCountTracksTransitions(self):
+        """
+        After ejection and recovery the balancer is back on its fast path (no endpoint counted unhealthy).
+        """
+        balancer = P2CEwmaBalancer(Random(15))
+        ep = endpoint(1)
+        balancer.update([ep], 0.0)
+        eject(balancer, ep, 0.0)
+        self.assertEqual(balancer._unhealthy, 1)
+        balancer.start(ep, 2.0)
+        balancer.finish(ep, 2.0, 0.01, True)
+        self.assertEqual(balancer._unhealthy, 0)
+
+
+class NeutralOutcomeTests(SynchronousTestCase):
+    """
+    Outcomes reported as C{None} (client cancels and resets, the proxy's own refusals) never eject.
+    """
+
+    def test_thousandsNeverEject(self):
+        """
+        Ten thousand C{None} outcomes leave every endpoint ready and picked, for every balancer.
+        """
+        for cls in ALL:
+            balancer = cls(Random(16))
+            eps = [endpoint(1), endpoint(2)]
+            balancer.update(eps, 0.0)
+            for i in range(10000):
+                now = i * 0.0001
+                ep = balancer.pick(now)
+                balancer.start(ep, now)
+                balancer.finish(ep, now, None, None)
+            self.assertEqual({state for _, state, _ in balancer.snapshot(1.0)}, {"ready"}, cls)
+            self.assertEqual({balancer.pick(1.0) for _ in range(100)}, set(eps), cls)
+
+    def test_failuresEjectAfterSeven(self):
+        """
+        Failure-classified outcomes (C{False}, as the glue reports a 5xx) eject after seven in a row, and
+        C{None} outcomes between them neither reset nor extend the run.
+        """
+        balancer = LeastRequestBalancer(Random(17))
+        ep, other = endpoint(1), endpoint(2)
+        balancer.update([ep, other], 0.0)
+        for i in range(6):
+            balancer.start(ep, 0.0)
+            balancer.finish(ep, 0.0, None, False)
+            balancer.start(ep, 0.0)
+            balancer.finish(ep, 0.0, None, None)
+        self.assertEqual(balancer.snapshot(0.0)[0][1], "ready")
+        balancer.start(ep, 0.0)
+        balancer.finish(ep, 0.0, None, False)
+        self.assertEqual(balancer.snapshot(0.0)[0][1], "ejected")

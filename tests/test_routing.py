@@ -17,8 +17,8 @@ from linkproxy.config import Config
 from linkproxy.core.endpoint import Endpoint
 from linkproxy.core.errors import NoEndpoints
 from linkproxy.discovery.cache import ResolutionCache
-from linkproxy.interfaces import ILease, IRouter
-from linkproxy.routing import BalancedLease, BalancedRouter, FixedRouter, RouterService, route_request
+from linkproxy.interfaces import ILease, IRouter, ISyncRouter
+from linkproxy.routing import AVOID_REPICKS, BalancedLease, BalancedRouter, FixedRouter, RouterService, route_request
 from linkproxy.testing import FakeDiscovery
 
 A = ("127.0.0.1", 8081)
@@ -76,6 +76,73 @@ class SpyFactory:
         return balancer
 
 
+class NoPanicFactory:
+    """
+    A balancer factory wrapping a real one, hiding everything beyond L{IBalancer}: an older plugin.
+    """
+
+    name = "no-panic"
+
+    def __init__(self, real):
+        self.real = real
+
+    def build(self, random):
+        inner = self.real.build(random)
+
+        class Old:
+            def update(self, endpoints, now):
+                inner.update(endpoints, now)
+
+            def pick(self, now):
+                return inner.pick(now)
+
+            def start(self, endpoint, now):
+                inner.start(endpoint, now)
+
+            def finish(self, endpoint, now, rtt, success):
+                inner.finish(endpoint, now, rtt, success)
+
+            def snapshot(self, now):
+                return inner.snapshot(now)
+
+        return Old()
+
+
+class StubbornFactory:
+    """
+    Builds old-style balancers that always pick the first endpoint, counting their picks.
+    """
+
+    name = "stubborn"
+
+    def __init__(self):
+        self.picks = 0
+
+    def build(self, random):
+        factory = self
+
+        class Stubborn:
+            endpoints = []
+
+            def update(self, endpoints, now):
+                self.endpoints = list(endpoints)
+
+            def pick(self, now):
+                factory.picks += 1
+                return self.endpoints[0] if self.endpoints else None
+
+            def start(self, endpoint, now):
+                pass
+
+            def finish(self, endpoint, now, rtt, success):
+                pass
+
+            def snapshot(self, now):
+                return [(e, "ready", 0.0) for e in self.endpoints]
+
+        return Stubborn()
+
+
 class BalancedRouterTests(unittest.TestCase):
     """
     L{BalancedRouter} over a L{FakeDiscovery}.
@@ -98,6 +165,7 @@ class BalancedRouterTests(unittest.TestCase):
         self.discovery.push("web:80", [A])
         router = self.router()
         self.assertTrue(verifyObject(IRouter, router))
+        self.assertTrue(verifyObject(ISyncRouter, router))
         lease = result(router.route("web:80"))
         self.assertIsInstance(lease, BalancedLease)
         self.assertTrue(verifyObject(ILease, lease))
@@ -170,11 +238,11 @@ class BalancedRouterTests(unittest.TestCase):
 
     def test_allEjected(self):
         """
-        When every endpoint is ejected after failures, the 503 says so; after the ejection backoff a probe is
-        let through.
+        With a balancer that has no C{panic_pick} (an older plugin), when every endpoint is ejected after
+        failures the 503 says so; after the ejection backoff a probe is let through.
         """
         self.discovery.push("web:80", [A, B])
-        router = self.router()
+        router = self.router(factory=NoPanicFactory(find_balancer("round-robin")))
         for _ in range(14):
             result(router.route("web:80")).release(False)
         self.assertEqual(failure_reason(self, router.route("web:80")), "all 2 endpoints of web:80 are ejected")
@@ -374,7 +442,7 @@ class BalancedRouterTests(unittest.TestCase):
         """
         self.discovery.push("web:80", [])
         self.discovery.push("api:80", [A])
-        router = self.router()
+        router = self.router(factory=NoPanicFactory(find_balancer("round-robin")))
         self.assertEqual(self.assertRaises(NoEndpoints, router.route_now, "web:80").reason,
                          "no endpoints for web:80")
         self.assertIn("invalid authority", self.assertRaises(NoEndpoints, router.route_now, "web:x").reason)
@@ -457,3 +525,382 @@ class RouteRequestTests(unittest.SynchronousTestCase):
         router = self._router(fail(NoEndpoints("none")))
         self.assertIsNone(route_request(router, None, "web:80", self.now, self.later, self.failed))
         self.assertEqual([how for how, _ in self.calls], ["failed"])
+
+
+class LeaseTimingTests(unittest.SynchronousTestCase):
+    """
+    L{BalancedLease.release} measures the RTT to the response head when told when it was.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.discovery = FakeDiscovery()
+        self.discovery.push("web:80", [A])
+        self.spy = SpyFactory(find_balancer("p2c-ewma"))
+        self.router = BalancedRouter(self.discovery, self.spy, self.clock, None, random=Random(2))
+
+    def test_at(self):
+        """
+        C{release(True, at)} gives the balancer the RTT to C{at} and the outcome's time as C{now}; without
+        C{at} the RTT runs to now, and a failure carries no RTT even with C{at}.
+        """
+        lease = self.router.route_now("web:80")
+        self.clock.advance(0.1)
+        head = self.clock.seconds()
+        self.clock.advance(2.0)
+        lease.release(True, head)
+        plain = self.router.route_now("web:80")
+        self.clock.advance(0.3)
+        plain.release(True)
+        failed = self.router.route_now("web:80")
+        self.clock.advance(0.1)
+        failed.release(False, self.clock.seconds())
+        neutral = self.router.route_now("web:80")
+        neutral.release(None, self.clock.seconds())
+        self.assertEqual([(round(rtt, 9) if rtt else rtt, success) for _, _, rtt, success in self.spy.finished],
+                         [(0.1, True), (0.3, True), (None, False), (None, None)])
+        self.assertEqual(self.spy.finished[0][1], 2.1)
+
+    def test_fixedLease(self):
+        """
+        A L{FixedRouter}'s lease takes C{at} too, and ignores it.
+        """
+        lease = FixedRouter(Endpoint(A)).route_now("web:80")
+        self.assertTrue(verifyObject(ILease, lease))
+        lease.release(True, 1.0)
+        lease.release(False)
+
+
+class AvoidRoutingTests(unittest.SynchronousTestCase):
+    """
+    C{route(authority, avoid)} and C{route_now(authority, avoid)} steer retries off the endpoint that failed.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.discovery = FakeDiscovery()
+        self.discovery.push("web:80", [A, B])
+
+    def router(self, factory):
+        return BalancedRouter(self.discovery, factory, self.clock, None, random=Random(3))
+
+    def test_builtins(self):
+        """
+        Every built-in balancer, through the router, never gives C{avoid} while the other endpoint is there.
+        """
+        for name in ("p2c-ewma", "round-robin", "least-request", "random"):
+            router = self.router(find_balancer(name))
+            for avoid, other in ((A, B), (B, A)):
+                for _ in range(50):
+                    lease = router.route_now("web:80", Endpoint(avoid))
+                    self.assertEqual(lease.endpoint.address, other, name)
+                    lease.release(True)
+                    lease = result(router.route("web:80", Endpoint(avoid)))
+                    self.assertEqual(lease.endpoint.address, other, name)
+                    lease.release(True)
+
+    def test_oldStylePlugin(self):
+        """
+        A plugin whose C{pick} takes no C{avoid} is asked again instead (here round-robin underneath, so the
+        second pick is the other endpoint); one that keeps picking C{avoid} is asked L{AVOID_REPICKS} times and
+        then its pick is used.
+        """
+        router = self.router(NoPanicFactory(find_balancer("round-robin")))
+        for _ in range(20):
+            lease = router.route_now("web:80", Endpoint(A))
+            self.assertEqual(lease.endpoint.address, B)
+            lease.release(True)
+        stubborn = StubbornFactory()
+        router = self.router(stubborn)
+        self.assertEqual(router.route_now("web:80").endpoint.address, A)
+        self.assertEqual(stubborn.picks, 1)
+        self.assertEqual(router.route_now("web:80", Endpoint(A)).endpoint.address, A)
+        self.assertEqual(stubborn.picks, 1 + AVOID_REPICKS)
+        self.assertEqual(router.route_now("web:80", Endpoint(B)).endpoint.address, A)
+        self.assertEqual(stubborn.picks, 2 + AVOID_REPICKS)
+
+    def test_waitingRoute(self):
+        """
+        A retry that has to wait for discovery still avoids the endpoint once the set arrives.
+        """
+        router = self.router(find_balancer("round-robin"))
+        for _ in range(10):
+            d = router.route("new%d:80" % (_,), Endpoint(A))
+            self.assertNoResult(d)
+            self.discovery.push("new%d:80" % (_,), [A, B])
+            self.assertEqual(result(d).endpoint.address, B)
+
+    def test_routeRequest(self):
+        """
+        L{route_request} passes C{avoid} to C{route_now}, or to C{route} when it must wait, and leaves it out
+        when it is C{None}, so routers that only know C{route(authority)} keep working.
+        """
+        calls = []
+        router = self.router(find_balancer("round-robin"))
+        for _ in range(10):
+            route_request(router, router.route_now, "web:80", calls.append, calls.append, calls.append,
+                          Endpoint(A))
+        self.assertEqual({lease.endpoint.address for lease in calls}, {B})
+        calls = []
+        for _ in range(10):
+            route_request(router, None, "web:80", calls.append, calls.append, calls.append, Endpoint(B))
+        self.assertEqual({lease.endpoint.address for lease in calls}, {A})
+        seen = []
+
+        class OldRouter:
+            def route(self, authority):
+                seen.append(authority)
+                return router.route(authority)
+
+        route_request(OldRouter(), None, "web:80", calls.append, calls.append, calls.append)
+        self.assertEqual(seen, ["web:80"])
+
+    def test_fixedRouterIgnoresAvoid(self):
+        """
+        L{FixedRouter} has one endpoint and gives it whatever C{avoid} says.
+        """
+        router = FixedRouter(Endpoint(A))
+        self.assertTrue(verifyObject(ISyncRouter, router))
+        self.assertEqual(router.route_now("x:80", Endpoint(A)).endpoint.address, A)
+        self.assertEqual(result(router.route("x:80", Endpoint(A))).endpoint.address, A)
+
+
+class PanicModeTests(unittest.SynchronousTestCase):
+    """
+    When every endpoint of a target is ejected, requests still go out (panic mode), counted and logged.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.metrics = Metrics(process=False)
+        self.discovery = FakeDiscovery()
+
+    def router(self, balancer="p2c-ewma", **kwargs):
+        return BalancedRouter(self.discovery, find_balancer(balancer), self.clock, self.metrics,
+                              random=Random(4), **kwargs)
+
+    def panic_total(self, target="web:80", direction="outbound"):
+        text = generate_latest(self.metrics.registry).decode()
+        prefix = f'balancer_panic_total{{direction="{direction}",target="{target}"}} '
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return float(line[len(prefix):])
+        return None
+
+    def fail_all(self, router, times, target="web:80"):
+        for _ in range(times):
+            router.route_now(target).release(False)
+            self.clock.advance(0.001)
+
+    def test_singleEndpointStillServes(self):
+        """
+        One endpoint that failed 7 times in a row still serves the next request (and the ones after), each
+        counted in C{balancer_panic_total}; the gauge says it is ejected.
+        """
+        self.discovery.push("web:80", [A])
+        router = self.router()
+        self.fail_all(router, 7)
+        self.assertIsNone(self.panic_total())
+        for i in range(5):
+            lease = router.route_now("web:80")
+            self.assertEqual(lease.endpoint.address, A)
+            lease.release(False)
+            self.assertEqual(self.panic_total(), i + 1.0)
+        text = generate_latest(self.metrics.registry).decode()
+        self.assertIn('balancer_endpoints{direction="outbound",state="ejected",target="web:80"} 1.0', text)
+        self.assertIn("# TYPE balancer_panic_total counter", text)
+
+    def test_leastRecentlyFailed(self):
+        """
+        In panic mode each request goes to the endpoint that failed least recently; as they keep failing,
+        traffic rotates over them rather than piling onto one.
+        """
+        C = ("127.0.0.1", 8083)
+        self.discovery.push("web:80", [A, B, C])
+        router = self.router("round-robin")
+        self.fail_all(router, 21)
+        picks = []
+        for _ in range(6):
+            lease = router.route_now("web:80")
+            picks.append(lease.endpoint.address)
+            self.clock.advance(0.01)
+            lease.release(False)
+        self.assertEqual(len(set(picks[:3])), 3)
+        self.assertEqual(picks[3:], picks[:3])
+
+    def test_recoversWithinASecond(self):
+        """
+        Once the endpoints answer again, requests in the probe pace (at most 1.25 s) go on as panic requests;
+        then each endpoint's next request is its probe, its success makes it ready, and panic mode ends.
+        """
+        self.discovery.push("web:80", [A, B])
+        router = self.router()
+        self.fail_all(router, 14)
+        ejected_at = self.clock.seconds()
+        # Panic requests, answered fine while the ejection lasts, do not end it early...
+        while self.clock.seconds() < ejected_at + 0.9:
+            router.route_now("web:80").release(True)
+            self.clock.advance(0.01)
+        states = {s for _, s, _ in router.balancer("web:80").snapshot(self.clock.seconds())}
+        self.assertEqual(states, {"ejected"})
+        # ...but within 1.25 s of the ejection the probes go out and succeed.
+        while self.clock.seconds() < ejected_at + 1.26:
+            router.route_now("web:80").release(True)
+            self.clock.advance(0.01)
+        states = {s for _, s, _ in router.balancer("web:80").snapshot(self.clock.seconds())}
+        self.assertEqual(states, {"ready"})
+        before = self.panic_total()
+        router.route_now("web:80").release(True)
+        self.assertEqual(self.panic_total(), before)
+
+    def test_drainedAndEmptyStill503(self):
+        """
+        Panic mode never sends to weight-0 endpoints, and an empty set still fails: the 503s keep their texts.
+        """
+        self.discovery.push("web:80", [Endpoint(address=A, weight=0)])
+        self.discovery.push("db:80", [])
+        self.discovery.push("mix:80", [Endpoint(address=A, weight=0), B])
+        router = self.router()
+        self.assertEqual(self.assertRaises(NoEndpoints, router.route_now, "web:80").reason,
+                         "all 1 endpoints of web:80 have weight 0")
+        self.assertEqual(self.assertRaises(NoEndpoints, router.route_now, "db:80").reason,
+                         "no endpoints for db:80")
+        self.fail_all(router, 7, "mix:80")
+        self.assertEqual(router.route_now("mix:80").endpoint.address, B)
+        self.assertEqual(self.panic_total("mix:80"), 1.0)
+
+    def test_avoidInPanic(self):
+        """
+        A retry in panic mode goes to another ejected endpoint than the one it just failed on.
+        """
+        self.discovery.push("web:80", [A, B])
+        router = self.router()
+        self.fail_all(router, 14)
+        first = router.route_now("web:80")
+        retry = router.route_now("web:80", first.endpoint)
+        self.assertNotEqual(retry.endpoint.address, first.endpoint.address)
+
+    def test_logged(self):
+        """
+        Ejection and recovery are logged at info with endpoint, target and reason; panic mode is logged once
+        when it starts (not per request) and once when it ends.
+        """
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        self.discovery.push("web:80", [A])
+        router = self.router(direction="inbound")
+        with capturedLogs() as events:
+            self.fail_all(router, 7)
+            for _ in range(20):
+                router.route_now("web:80").release(False)
+            self.clock.advance(1.25)
+            router.route_now("web:80").release(True)
+            router.route_now("web:80").release(True)
+        mine = [e for e in events if e.get("log_namespace") == "linkproxy.routing"]
+        self.assertEqual([e["event"] for e in mine], ["ejected", "panic", "recovered", "panic_over"])
+        self.assertTrue(all(e["log_level"] is LogLevel.info for e in mine))
+        ejected, panic, recovered, over = mine
+        self.assertEqual((ejected["endpoint"], ejected["target"], ejected["reason"], ejected["direction"]),
+                         ("127.0.0.1:8081", "web:80", "7 consecutive failures", "inbound"))
+        self.assertEqual((recovered["endpoint"], recovered["target"], recovered["reason"]),
+                         ("127.0.0.1:8081", "web:80", "probe succeeded"))
+        self.assertEqual((panic["target"], panic["endpoint"], panic["count"]), ("web:80", "127.0.0.1:8081", 1))
+        self.assertEqual(over["target"], "web:80")
+        self.assertEqual(formatEvent(ejected),
+                         "inbound endpoint 127.0.0.1:8081 of web:80 ejected: 7 consecutive failures")
+
+    def test_failureClassifiedResponses(self):
+        """
+        Responses the glue classifies with L{outcome} eject after seven failures in a row (5xx, gRPC
+        UNAVAILABLE or INTERNAL); 4xx never do.
+        """
+        from linkproxy.core.classify import outcome
+
+        self.discovery.push("web:80", [A, B])
+        router = self.router("round-robin")
+        for _ in range(100):
+            lease = router.route_now("web:80")
+            lease.release(outcome(404, "") if lease.endpoint.address == A else outcome(200, ""))
+        states = {e.address: s for e, s, _ in router.balancer("web:80").snapshot(self.clock.seconds())}
+        self.assertEqual(states, {A: "ready", B: "ready"})
+        statuses = iter([(503, ""), (200, "14"), (500, ""), (200, "13"), (502, ""), (504, ""), (599, "")])
+        for _ in range(14):
+            lease = router.route_now("web:80")
+            lease.release(outcome(*next(statuses)) if lease.endpoint.address == A else True)
+        states = {e.address: s for e, s, _ in router.balancer("web:80").snapshot(self.clock.seconds())}
+        self.assertEqual(states, {A: "ejected", B: "ready"})
+        self.assertEqual({router.route_now("web:80").endpoint.address for _ in range(20)}, {B})
+
+    def test_neutralReleasesNeverEject(self):
+        """
+        Thousands of C{release(None)} (client cancels and resets, the proxy's own refusals) never eject.
+        """
+        self.discovery.push("web:80", [A, B])
+        router = self.router()
+        for _ in range(5000):
+            router.route_now("web:80").release(None)
+            self.clock.advance(0.0001)
+        states = {s for _, s, _ in router.balancer("web:80").snapshot(self.clock.seconds())}
+        self.assertEqual(states, {"ready"})
+        self.assertIsNone(self.panic_total())
+
+    def test_deadEndpointProbeRate(self):
+        """
+        Under 100 requests a second, with one of two endpoints refusing every connection, the dead one gets at
+        most one request a second once ejected, and every retry of a failed request (C{avoid}) goes to the
+        live one.
+        """
+        self.discovery.push("web:80", [A, B])
+        router = self.router()
+        to_dead = []
+        ejected_at = None
+        for _ in range(3000):
+            now = self.clock.seconds()
+            lease = router.route_now("web:80")
+            if lease.endpoint.address == A:
+                to_dead.append(now)
+                lease.release(False)
+                retry = router.route_now("web:80", lease.endpoint)
+                self.assertEqual(retry.endpoint.address, B)
+                retry.release(True)
+            else:
+                lease.release(True)
+            if ejected_at is None and router.balancer("web:80").snapshot(now)[0][1] != "ready":
+                ejected_at = now
+            self.clock.advance(0.01)
+        after = [t for t in to_dead if t > ejected_at]
+        gaps = [b - a for a, b in zip([ejected_at] + after, after)]
+        self.assertTrue(all(gap >= 1.0 - 1e-9 for gap in gaps), min(gaps))
+        # P2C may prefer the live endpoint at a probe's first chance, so some seconds see no probe at all.
+        self.assertTrue(10 <= len(after) <= 30, len(after))
+
+    def test_overflow(self):
+        """
+        Past the bound on targets, panic counts share C{target="overflow"}.
+        """
+        from linkproxy import routing
+
+        self.patch(routing, "MAX_METRIC_TARGETS", 1)
+        router = self.router()
+        for target in ("a:80", "b:80"):
+            self.discovery.push(target, [A])
+            self.fail_all(router, 8, target)
+        self.assertEqual(self.panic_total("a:80"), 1.0)
+        self.assertEqual(self.panic_total("overflow"), 1.0)
+
+    def test_longOutageLogsOnce(self):
+        """
+        A target whose only endpoint stays dead for a minute at 100 requests a second logs one ejection and one
+        panic-mode entry: the probes, picked the ordinary way once a second, do not end panic mode.
+        """
+        from twisted.logger import capturedLogs
+
+        self.discovery.push("web:80", [A])
+        router = self.router()
+        with capturedLogs() as events:
+            for _ in range(6000):
+                router.route_now("web:80").release(False)
+                self.clock.advance(0.01)
+        mine = [e["event"] for e in events if e.get("log_namespace") == "linkproxy.routing"]
+        self.assertEqual(mine, ["ejected", "panic"])
+        self.assertGreater(self.panic_total(), 5000)

@@ -1,5 +1,6 @@
 """
-Jittered exponential backoff, as a pure function of the attempt number and a random generator.
+Jittered delays as pure functions of the attempt number and a random generator: L{Backoff}, exponential, and
+L{ProbeInterval}, a steady pace.
 
 The shape follows linkerd2-proxy's C{ExponentialBackoff}: the base delay doubles with each attempt from C{min}
 and saturates at C{max}; jitter then adds up to C{jitter} times the base, never going past C{max}.
@@ -76,3 +77,52 @@ class Backoff:
         # Always draw, even with no jitter, so the generator's sequence does not depend on the configuration.
         u = random.random()
         return min(self.max, base + base * self.jitter * u)
+
+
+class ProbeInterval:
+    """
+    A steady, jittered pace: every attempt waits C{interval} to C{interval * (1 + jitter)} seconds, whatever
+    its number. The default paces failure accrual's probes (see L{linkproxy.core.accrual}): a recovered
+    endpoint is back within about a second, and a dead one is tried at most once a second.
+
+    It has the same C{delay}/C{bounds} methods as L{Backoff}, so either can drive an accrual.
+
+    @ivar interval: the shortest delay, in seconds.
+    @ivar jitter: the largest extra delay, as a fraction of C{interval}.
+    """
+
+    def __init__(self, interval: float = 1.0, jitter: float = 0.25):
+        """
+        @raise ValueError: when C{interval} is not positive or C{jitter} is negative.
+        """
+        if not interval > 0:
+            raise ValueError(f"probe interval must be positive, not {interval!r}")
+        if not jitter >= 0:
+            raise ValueError(f"probe interval jitter must not be negative, not {jitter!r}")
+        self.interval = float(interval)
+        self.jitter = float(jitter)
+
+    def __repr__(self) -> str:
+        return f"ProbeInterval(interval={self.interval!r}, jitter={self.jitter!r})"
+
+    def bounds(self, attempt: int) -> Tuple[float, float]:
+        """
+        The closed range every L{delay} falls in, the same for every C{attempt}.
+
+        @return: C{(low, high)} in seconds.
+        """
+        if attempt < 0:
+            raise ValueError(f"attempt must not be negative, not {attempt!r}")
+        return self.interval, self.interval * (1.0 + self.jitter)
+
+    def delay(self, attempt: int, random: Random) -> float:
+        """
+        A jittered delay, drawing one number from C{random}.
+
+        @param attempt: ignored (kept for the L{Backoff} signature), but must not be negative.
+        @return: seconds, within L{bounds}.
+        """
+        if attempt < 0:
+            raise ValueError(f"attempt must not be negative, not {attempt!r}")
+        # Jitter only ever lengthens the wait, so the pace never exceeds one attempt per interval.
+        return self.interval + self.interval * self.jitter * random.random()

@@ -11,6 +11,15 @@ by L{Endpoint.address} and survives L{update} for endpoints that remain; endpoin
 picked; ejected endpoints are never picked, and a probing one is offered for its single probe (see
 L{linkproxy.core.accrual}).
 
+They also provide L{linkproxy.interfaces.IResilientBalancer}:
+
+  - C{pick(now, avoid)} never returns C{avoid} while another endpoint is available (for retries): the
+    power-of-two-choices balancers compare two of the others, round-robin skips it, random draws from the
+    others;
+  - C{panic_pick(now, avoid)} is the endpoint to use when every endpoint with a weight is ejected: the one that
+    failed least recently (panic mode, see L{linkproxy.routing});
+  - C{listen(listener)} reports ejections and recoveries as they happen, for the router to log.
+
 Weights: the power-of-two-choices balancers sample the pair by weight and then compare C{cost / weight}. Under
 load this settles where C{cost / weight} is level across endpoints, so traffic follows the weights; when idle
 (every cost equal) the heavier endpoint of a pair wins outright, which favours heavy endpoints more than their
@@ -26,11 +35,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from zope.interface import implementer
 
-from linkproxy.core.accrual import FailureAccrual
-from linkproxy.core.backoff import Backoff
+from linkproxy.core.accrual import EJECTED, FailureAccrual
+from linkproxy.core.backoff import Backoff, ProbeInterval
 from linkproxy.core.endpoint import Address, Endpoint
 from linkproxy.core.ewma import PeakEwma
-from linkproxy.interfaces import IBalancer
+from linkproxy.interfaces import IResilientBalancer
 
 __all__ = [
     "choose_two",
@@ -127,17 +136,21 @@ class _Balancer:
     Endpoint bookkeeping shared by the built-in balancers; subclasses supply L{_pick} and L{_cost}.
     """
 
-    def __init__(self, random: Random, *, max_failures: int = 7, backoff: Optional[Backoff] = None):
+    def __init__(self, random: Random, *, max_failures: int = 7,
+                 backoff: Optional[Union[Backoff, ProbeInterval]] = None):
         """
         @param random: the generator this balancer owns (seeded in tests).
         @param max_failures: consecutive failures that eject an endpoint.
-        @param backoff: how long ejections last; L{Backoff}C{()} when C{None}.
+        @param backoff: how long ejections last; L{ProbeInterval}C{()} (1 to 1.25 s) when C{None}.
         """
         if max_failures < 1:
             raise ValueError(f"max_failures must be at least 1, not {max_failures!r}")
         self._random = random
         self._max_failures = max_failures
-        self._backoff = backoff if backoff is not None else Backoff()
+        self._backoff = backoff if backoff is not None else ProbeInterval()
+        self._listener = None
+        # Built once: the reason every ejection by this balancer gives.
+        self._ejected_reason = f"{max_failures} consecutive failures"
         self._slots: List[_Slot] = []
         self._by_address: Dict[Address, _Slot] = {}
         self._live: List[_Slot] = []
@@ -177,17 +190,58 @@ class _Balancer:
             return self._live
         return [slot for slot in self._live if slot.accrual.available(now)]
 
-    def pick(self, now: float) -> Optional[Endpoint]:
+    def listen(self, listener) -> None:
+        """
+        Report endpoint health transitions to C{listener(endpoint, event, reason)}, called from L{finish}
+        when they happen: C{event} is C{"ejected"} (C{reason} e.g. C{"7 consecutive failures"}) or
+        C{"recovered"} (C{"probe succeeded"}). Failed probes, which only extend an ejection, are not reported.
+
+        @param listener: the callable, or C{None} to stop reporting.
+        """
+        self._listener = listener
+
+    def pick(self, now: float, avoid: Optional[Endpoint] = None) -> Optional[Endpoint]:
         """
         Choose an endpoint, or return C{None} when the set is empty, all weights are 0, or every endpoint is
         ejected (or probing with its probe already out).
+
+        @param avoid: an endpoint (matched by address) not to pick while another is available: the one a
+            retried request just failed on. When it is the only one available it is picked all the same.
         """
         candidates = self._candidates(now)
         if not candidates:
             return None
+        if avoid is not None and len(candidates) > 1:
+            # Only retries get here, so the new list costs nothing on the ordinary path.
+            address = avoid.address
+            others = [slot for slot in candidates if slot.endpoint.address != address]
+            if len(others) < len(candidates):
+                candidates = others
         if len(candidates) == 1:
             return candidates[0].endpoint
         return self._pick(candidates, candidates is self._live, now).endpoint
+
+    def panic_pick(self, now: float, avoid: Optional[Endpoint] = None) -> Optional[Endpoint]:
+        """
+        The endpoint to send to when L{pick} found none available although some have a weight: the one whose
+        latest failure is oldest (ties go to discovery order). Every failure moves an endpoint to the back, so
+        panic traffic spreads over the ejected endpoints and settles on any that answer.
+
+        @param avoid: as for L{pick}.
+        @return: an L{Endpoint}, or C{None} when no endpoint has a weight (or the set is empty).
+        """
+        best = None
+        best_failure = 0.0
+        address = avoid.address if avoid is not None and len(self._live) > 1 else None
+        for slot in self._live:
+            if slot.endpoint.address == address:
+                continue
+            failed = slot.accrual.last_failure
+            if failed is None:
+                return slot.endpoint
+            if best is None or failed < best_failure:
+                best, best_failure = slot, failed
+        return best.endpoint if best is not None else None
 
     def _pick(self, candidates: List[_Slot], all_live: bool, now: float) -> _Slot:
         raise NotImplementedError()
@@ -213,9 +267,10 @@ class _Balancer:
         The request L{start} counted has its outcome: feed the RTT estimate (when C{rtt} is known) and the
         failure accrual.
 
-        @param success: C{True} or C{False}; C{None} when the request was cancelled by its client before an
-            outcome, which frees its pending slot (and a probe) but counts neither way: a client giving up
-            says nothing about the endpoint.
+        @param success: C{True} or C{False} (see L{linkproxy.core.classify} for what counts as a failure);
+            C{None} when the outcome was not the endpoint's doing (the client cancelled or reset, or the proxy
+            refused the request), which frees its pending slot (and a probe, paced by the backoff) but counts
+            neither way.
 
         Outcomes for endpoints no longer in the set are ignored.
         """
@@ -225,14 +280,21 @@ class _Balancer:
         if slot.pending > 0:
             slot.pending -= 1
         if success is None:
-            slot.accrual.on_cancel(now)
+            slot.accrual.on_cancel(now, self._random)
             return
         if rtt is not None and slot.ewma is not None:
             slot.ewma.observe(rtt, now)
-        accrual = slot.accrual
-        was_unhealthy = accrual.ejected_until is not None
-        accrual.on_finish(now, success, self._random)
-        self._unhealthy += (accrual.ejected_until is not None) - was_unhealthy
+        change = slot.accrual.on_finish(now, success, self._random)
+        if change is not None:
+            listener = self._listener
+            if change == EJECTED:
+                self._unhealthy += 1
+                if listener is not None:
+                    listener(slot.endpoint, "ejected", self._ejected_reason)
+            else:
+                self._unhealthy -= 1
+                if listener is not None:
+                    listener(slot.endpoint, "recovered", "probe succeeded")
 
     def snapshot(self, now: float) -> List[Tuple[Endpoint, str, float]]:
         """
@@ -266,7 +328,7 @@ class _PowerOfTwoChoices(_Balancer):
         return b
 
 
-@implementer(IBalancer)
+@implementer(IResilientBalancer)
 class P2CEwmaBalancer(_PowerOfTwoChoices):
     """
     Power of two choices over peak-EWMA cost: C{rtt_estimate * (pending + 1)} (see L{PeakEwma}).
@@ -301,7 +363,7 @@ class P2CEwmaBalancer(_PowerOfTwoChoices):
         return slot.ewma.cost(now, slot.pending)
 
 
-@implementer(IBalancer)
+@implementer(IResilientBalancer)
 class LeastRequestBalancer(_PowerOfTwoChoices):
     """
     Power of two choices over requests in flight: cost C{pending + 1}, so that weight still breaks ties
@@ -312,7 +374,7 @@ class LeastRequestBalancer(_PowerOfTwoChoices):
         return float(slot.pending + 1)
 
 
-@implementer(IBalancer)
+@implementer(IResilientBalancer)
 class RoundRobinBalancer(_Balancer):
     """
     Smooth weighted round-robin (nginx): each pick adds every candidate's weight to its running total, takes
@@ -340,7 +402,7 @@ class RoundRobinBalancer(_Balancer):
         return chosen
 
 
-@implementer(IBalancer)
+@implementer(IResilientBalancer)
 class RandomBalancer(_Balancer):
     """
     Pick a candidate at random with probability proportional to its weight.

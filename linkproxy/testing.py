@@ -22,7 +22,7 @@ class RecordingLease:
         self.endpoint = endpoint
         self.outcomes = []
 
-    def release(self, success):
+    def release(self, success, at=None):
         self.outcomes.append(success)
 
 
@@ -33,6 +33,7 @@ class FakeRouter:
 
     @ivar leases: every L{RecordingLease} returned, in order.
     @ivar authorities: every authority asked for, in order.
+    @ivar avoided: the C{avoid} endpoint of every route call, in order (C{None} for first attempts).
     """
 
     def __init__(self, routes=None, default=None):
@@ -44,9 +45,11 @@ class FakeRouter:
         self.default = default
         self.leases = []
         self.authorities = []
+        self.avoided = []
 
-    def route(self, authority):
+    def route(self, authority, avoid=None):
         self.authorities.append(authority)
+        self.avoided.append(avoid)
         address = self.routes.get(authority, self.default)
         if address is None:
             return fail(NoEndpoints(f"no endpoints for {authority}"))

@@ -13,7 +13,10 @@ class BalanceLayer:
 
     def __init__(self, router):
         self.router = router
+        # Routers written before route_now and avoid joined IRouter may lack them: they still route, and a
+        # retry then goes wherever they send it.
         self._route_now = getattr(router, "route_now", None)
+        self._avoids = _takes_avoid(router.route) and (self._route_now is None or _takes_avoid(self._route_now))
 
     def pick(self, authority, avoid, now, later, failed):
         """
@@ -23,6 +26,14 @@ class BalanceLayer:
             target has another.
         @return: the Deferred to cancel while the attempt waits for discovery, else C{None}.
         """
-        if avoid is None or True:  # TEMP until routing takes avoid
-            return route_request(self.router, self._route_now, authority, now, later, failed)
-        return route_request(self.router, self._route_now, authority, now, later, failed, avoid=avoid)
+        return route_request(self.router, self._route_now, authority, now, later, failed,
+                             avoid if self._avoids else None)
+
+
+def _takes_avoid(method):
+    import inspect
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return "avoid" in parameters or any(p.kind == p.VAR_POSITIONAL for p in parameters.values())

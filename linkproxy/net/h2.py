@@ -522,10 +522,13 @@ class _Stream:
         else:
             req.pump()
 
-    def _release(self, success):
+    def _release(self, success, at=None):
         if not self.released and self.lease is not None:
             self.released = True
-            self.lease.release(success)
+            if at is None:
+                self.lease.release(success)
+            else:
+                self.lease.release(success, at)
 
     def _again(self, kind):
         """
@@ -711,7 +714,8 @@ class _Stream:
         if self.done:
             return
         self.grpc_status = grpc = grpc_status(headers)
-        self._release(not is_failure(self.status or 200, grpc))
+        # The RTT is the head's, measured when it arrived.
+        self._release(not is_failure(self.status or 200, grpc), self.started + self.latency_ms / 1000.0)
         self.resp.finish(headers)
 
     def up_end(self):

@@ -277,3 +277,66 @@ class _SyncHarness(_Harness):
     def __init__(self, **kw):
         kw.setdefault("router", test_http1.SyncRouter(default=test_http1.BACKEND))
         super().__init__(**kw)
+
+
+class ResponseTests(SynchronousTestCase):
+    """
+    Upstream responses framed two ways are an upstream failure: 502, and the connection is closed, never
+    pooled, so the bytes after it cannot be read as the next response.
+    """
+
+    BAD = [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\nok", b"Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\nok", b"Duplicate Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok", b"Duplicate Content-Length"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok", b"CR"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: \x00\r\n\r\nok", b"header value char"),
+    ]
+
+    def test_bad_framing_is_502(self):
+        """
+        CL with TE, differing or repeated CL, a bare LF or a NUL: 502 with C{l5d-proxy-error}, the upstream
+        connection aborted and not pooled, the lease a failure; the client connection keeps serving on a
+        new upstream connection.
+        """
+        for raw, cause in self.BAD:
+            h = _Harness()
+            h.server.dataReceived(GET)
+            up = h.up()
+            up.dataReceived(raw)
+            [(status, headers, _)] = h.responses()
+            self.assertEqual(status, 502, raw)
+            self.assertIn(b"invalid response from upstream", headers[PROXY_ERROR], raw)
+            self.assertIn(cause, headers[PROXY_ERROR], raw)
+            self.assertTrue(up.transport.disconnecting, raw)
+            self.assertEqual(len(h.settings.h1_pool), 0, raw)
+            self.assertEqual(h.router.leases[0].outcomes, [False], raw)
+            h.server.dataReceived(GET)
+            self.assertEqual(len(h.connector.connects), 2, raw)
+
+    def test_http10_transfer_encoding_not_pooled(self):
+        """
+        An HTTP/1.0 response with Transfer-Encoding (RFC 9112 6.1: faulty framing) is relayed, but its
+        connection is closed after it, even when it said keep-alive.
+        """
+        h = _Harness()
+        h.server.dataReceived(GET)
+        up = h.up()
+        up.dataReceived(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"2\r\nok\r\n0\r\n\r\n")
+        [(status, _, body)] = h.responses()
+        self.assertEqual((status, body), (200, b"ok"))
+        self.assertEqual(len(h.settings.h1_pool), 0)
+        self.assertTrue(up.transport.disconnecting)
+
+    def test_http10_keep_alive_still_pooled(self):
+        """
+        An HTTP/1.0 keep-alive response with a content-length stays poolable (the rule above is about
+        Transfer-Encoding only).
+        """
+        h = _Harness()
+        h.server.dataReceived(GET)
+        h.up().dataReceived(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(h.responses()[0][2], b"ok")
+        self.assertEqual(len(h.settings.h1_pool), 1)

@@ -1151,6 +1151,10 @@ class Http1ClientProtocol(Protocol):
             return
         self._in_body = True
         self._keep_alive = self._parser.should_keep_alive()
+        if self._resp.chunked and self._parser.get_http_version() == _HTTP10:
+            # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing; the connection is closed
+            # after it rather than trusted with another request.
+            self._keep_alive = False
         if status == 101:
             self._switching = True
         if not server._response_head(self, status, self._reason, self._resp):

@@ -17,7 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from linkproxy.core import http1 as h1
 from linkproxy.core.headers import PROXY_ERROR
 from tests import test_http1
+from tests.test_h2 import Client as H2Client
 from tests.test_http1 import GET, OK, _Harness, sample
+from tests.test_orig_proto import Harness as BridgeHarness
 
 HOST = b"Host: web\r\n"
 
@@ -340,3 +342,128 @@ class ResponseTests(SynchronousTestCase):
         h.up().dataReceived(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(h.responses()[0][2], b"ok")
         self.assertEqual(len(h.settings.h1_pool), 1)
+
+
+class DowngradeTests(SynchronousTestCase):
+    """
+    An HTTP/2 stream marked C{l5d-orig-proto} reaches the app as HTTP/1.1: its body must be exactly what its
+    C{content-length} says, or the app's connection could read the next request as the rest of this body.
+    """
+
+    def setUp(self):
+        self.h = BridgeHarness(self)
+        self.server = self.h.inbound_server()
+        self.client = H2Client()
+        self.h.connect(self.server, self.client)
+        self.h.pump()
+
+    def send(self, extra=(), body=None, trailers=None, method=b"POST"):
+        sid = self.client.request(method=method, path=b"/up", authority="web.default",
+                                  extra=[(b"l5d-orig-proto", b"HTTP/1.1")] + list(extra), body=body,
+                                  trailers=trailers)
+        self.h.pump()
+        return self.client.streams.get(sid)
+
+    def app_bytes(self):
+        return b"".join(app.transport.stream if hasattr(app.transport, "stream") else b"" for app in self.h.apps)
+
+    def assertAppClean(self):
+        """
+        No request reached the app, and every app connection that saw bytes is closed (not pooled).
+        """
+        self.assertEqual(self.h.requests, [])
+        for app in self.h.apps:
+            if app.parser is not None and getattr(app, "req", None) is not None:
+                self.assertTrue(app.transport.disconnecting)
+                self.assertNotIn(app, self._pooled())
+
+    def _pooled(self):
+        pooled = []
+        for stack in self.h.in_settings.h1_pool._idle.values():
+            pooled += [conn.transport.protocol for conn in stack if hasattr(conn.transport, "protocol")]
+        return pooled
+
+    def assert400(self, stream, cause):
+        self.assertEqual(stream.headers[b":status"], b"400")
+        self.assertIn(cause, stream.headers[PROXY_ERROR])
+        self.assertEqual(self.h.in_metric("response_total", direction="inbound", status_code="400"), 1)
+
+    def test_length_matches(self):
+        """
+        A body that matches its content-length is forwarded with it (the baseline for the tests below).
+        """
+        stream = self.send([(b"content-length", b"5")], body=b"hello")
+        self.assertEqual(stream.headers[b":status"], b"200")
+        [req] = self.h.requests
+        self.assertEqual(req["body"], b"hello")
+        self.assertIn((b"content-length", b"5"), req["headers"])
+
+    def test_ended_at_headers_with_length(self):
+        """
+        HEADERS with END_STREAM and a non-zero content-length (h2 does not check this one): 400, and
+        nothing is written to the app.
+        """
+        for method in (b"POST", b"GET"):
+            self.setUp()
+            stream = self.send([(b"content-length", b"5")], method=method)
+            self.assert400(stream, b"content-length 5 but the stream ended without a body")
+            self.assertEqual(self.h.requests, [])
+            for app in self.h.apps:
+                self.assertEqual(app.req if hasattr(app, "req") else None, None)
+
+    def test_short_body_ended_by_trailers(self):
+        """
+        DATA short of the content-length, then trailers ending the stream (h2 checks the length only at a
+        DATA frame's END_STREAM): 400, and the app connection, which has the head, is closed, not pooled.
+        """
+        stream = self.send([(b"content-length", b"10")], body=b"abc", trailers=[(b"x-t", b"1")])
+        self.assert400(stream, b"7 bytes short of its content-length")
+        self.assertEqual(self.h.requests, [])
+        [app] = self.h.apps
+        self.assertTrue(app.transport.disconnecting)
+        self.assertEqual(len(self.h.in_settings.h1_pool), 0)
+
+    def test_h2_length_checks(self):
+        """
+        DATA beyond the content-length, or a DATA END_STREAM short of it: h2 treats either as a connection
+        error (GOAWAY PROTOCOL_ERROR); every app connection of that HTTP/2 connection is closed, and no
+        request reached the app whole.
+        """
+        for length, body in ((b"3", b"hello"), (b"10", b"hello")):
+            self.setUp()
+            self.send([(b"content-length", length)], body=body)
+            self.assertTrue(self.client.goaways, length)
+            self.assertEqual(self.h.requests, [], length)
+            for app in self.h.apps:
+                self.assertTrue(app.transport.disconnecting, length)
+            self.assertEqual(len(self.h.in_settings.h1_pool), 0, length)
+
+    def test_unframeable_length(self):
+        """
+        A content-length h2 accepts (all digits) but HTTP/1 framing here does not carry (over 18 digits): 400.
+        """
+        stream = self.send([(b"content-length", b"1" * 19)], body=None)
+        self.assert400(stream, b"invalid content-length")
+        self.assertEqual(self.h.requests, [])
+
+    def test_transfer_encoding_and_connection_headers_stripped(self):
+        """
+        Connection-specific fields in the h2 request (C{transfer-encoding}, C{connection}, C{keep-alive}) are
+        not forwarded: the HTTP/1 framing towards the app comes only from C{content-length} or END_STREAM, so
+        a C{transfer-encoding: chunked} DATA payload reaches the app as opaque body bytes of one request.
+        """
+        payload = b"0\r\n\r\n" + SMUGGLED
+        stream = self.send([(b"transfer-encoding", b"chunked"), (b"connection", b"keep-alive"),
+                            (b"keep-alive", b"5"), (b"content-length", b"%d" % len(payload))], body=payload)
+        self.assertEqual(stream.headers[b":status"], b"200")
+        [req] = self.h.requests
+        self.assertEqual(req["body"], payload)
+        names = [n for n, _ in req["headers"]]
+        for name in (b"transfer-encoding", b"connection", b"keep-alive"):
+            self.assertNotIn(name, names)
+        # Without a content-length the proxy frames the body chunked itself: still one request.
+        self.setUp()
+        stream = self.send([(b"transfer-encoding", b"chunked")], body=payload)
+        [req] = self.h.requests
+        self.assertEqual(req["body"], payload)
+        self.assertIn((b"transfer-encoding", b"chunked"), req["headers"])

@@ -12,7 +12,9 @@ app a request it would wait on, or read the next request into.
 127.0.0.1 only; every process and thread is stopped by the test that started it.
 """
 
+import os
 import socket
+import ssl
 import threading
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -253,3 +255,111 @@ def _read_response(sock):
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+class DowngradeTests(TestCase):
+    """
+    HTTP/2 from a meshed peer (mTLS with a client certificate, transport header C{http2}) carrying HTTP/1 as
+    C{l5d-orig-proto: HTTP/1.1}, downgraded by the inbound listener for the app, with a body that disagrees with
+    its C{content-length}. Sent by a raw h2 client, as a peer proxy never would.
+    """
+
+    def setUp(self):
+        from tests.test_integration_mesh import CLIENT, WEB, identity_cli, trust_domain
+
+        self.backend = RecordingBackend(self)
+        domain = trust_domain(self)
+        identity_cli("issue", domain, CLIENT)
+        # The client's leaf moves out, so the proxy issues its own (WEB) from the domain's dev issuer.
+        self.client_dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.client_dir)
+        for name in ("cert.pem", "key.pem"):
+            os.replace(os.path.join(domain, name), os.path.join(self.client_dir, name))
+        self.ca = os.path.join(domain, "ca.pem")
+        self.server_name = WEB
+        self.proxy = Proxy(self, {"app": f"tcp:host=127.0.0.1:port={self.backend.port}", "identity_dir": domain,
+                                  "identity_name": WEB})
+
+    def stream(self, headers, data=None, trailers=None, end_with_data=True):
+        """
+        One request on a new mTLS h2 connection to the inbound listener.
+
+        @return: C{(response headers dict or None, reset code or None, GOAWAY error code or None)}.
+        """
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+        from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamEnded, StreamReset
+
+        from linkproxy.core import transport_header
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(self.ca)
+        context.load_cert_chain(os.path.join(self.client_dir, "cert.pem"), os.path.join(self.client_dir, "key.pem"))
+        # Lenient on what it sends: a peer proxy would never send these streams.
+        conn = H2Connection(H2Configuration(client_side=True, validate_outbound_headers=False,
+                                            normalize_outbound_headers=False, validate_inbound_headers=False,
+                                            header_encoding=None))
+        conn.initiate_connection()
+        sid = 1
+        head = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"web.default"),
+                (b":path", b"/up"), (b"l5d-orig-proto", b"HTTP/1.1")] + headers
+        conn.send_headers(sid, head, end_stream=data is None and trailers is None)
+        if data is not None:
+            conn.send_data(sid, data, end_stream=trailers is None and end_with_data)
+        if trailers is not None:
+            conn.send_headers(sid, trailers, end_stream=True)
+        response = reset = goaway = None
+        raw = socket.create_connection(("127.0.0.1", self.proxy.ports["inbound"]), timeout=READ_TIMEOUT)
+        with context.wrap_socket(raw, server_hostname=self.server_name) as s:
+            s.sendall(transport_header.encode(0, session_protocol="http2") + conn.data_to_send())
+            done = False
+            while not done:
+                try:
+                    chunk = s.recv(65536)
+                except (socket.timeout, ssl.SSLError, ConnectionResetError) as e:
+                    if isinstance(e, socket.timeout):
+                        raise AssertionError("no answer from the proxy") from e
+                    break
+                if not chunk:
+                    break
+                for event in conn.receive_data(chunk):
+                    if isinstance(event, ResponseReceived):
+                        response = dict(event.headers)
+                    elif isinstance(event, DataReceived):
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, StreamEnded):
+                        done = True
+                    elif isinstance(event, StreamReset):
+                        reset = event.error_code
+                        done = True
+                    elif isinstance(event, ConnectionTerminated):
+                        goaway = event.error_code
+                        done = True
+                s.sendall(conn.data_to_send())
+        return response, reset, goaway
+
+    def test_content_length_disagrees_with_data(self):
+        """
+        Ended at HEADERS with a non-zero content-length, or short of it and ended by trailers: 400 with
+        C{l5d-proxy-error}. DATA past it, or a DATA END_STREAM short of it: h2's own connection error
+        (GOAWAY PROTOCOL_ERROR). In no case does the app parse a request; and the request after them gets
+        its own response from an app connection that is in step (a matching body is one request, whole).
+        """
+        length = [(b"content-length", b"5")]
+        response, _, _ = self.stream(length)
+        self.assertEqual(response[b":status"], b"400")
+        self.assertIn(b"content-length 5 but the stream ended without a body", response[b"l5d-proxy-error"])
+        response, _, _ = self.stream([(b"content-length", b"10")], data=b"abc", trailers=[(b"x-t", b"1")])
+        self.assertEqual(response[b":status"], b"400")
+        self.assertIn(b"7 bytes short of its content-length", response[b"l5d-proxy-error"])
+        for data in (b"hello" + SMUGGLED, b"hel"):
+            response, _, goaway = self.stream(length, data=data)
+            self.assertIsNone(response, data)
+            self.assertEqual(goaway, 1, data)  # PROTOCOL_ERROR
+        self.assertEqual(self.backend.requests, [])
+        response, _, _ = self.stream(length, data=b"hello")
+        self.assertEqual(response[b":status"], b"200")
+        [(method, url, headers, body)] = self.backend.requests
+        self.assertEqual((method, url, body), (b"POST", b"/up", b"hello"))
+        self.assertIn((b"content-length", b"5"), headers)
+        self.assertEqual(self.proxy.metric("response_total", direction="inbound", status_code="400"), 2)

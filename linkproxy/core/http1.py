@@ -257,14 +257,16 @@ class HeadCollector:
     @ivar host: the C{Host} value, or C{None}.
     @ivar content_length: the C{Content-Length} value bytes, or C{None}.
     @ivar chunked: C{True} when a C{Transfer-Encoding} was given.
+    @ivar transfer_encoding: the C{Transfer-Encoding} value bytes (several fields joined with C{", "}, as
+        RFC 9110 5.3 combines them), or C{None}; see L{request_framing_error}.
     @ivar connection: C{Connection} tokens seen, lower-cased, as a C{frozenset} (C{None} when there were none).
     @ivar upgrade: the C{Upgrade} value, or C{None}.
     @ivar grpc_status: the C{grpc-status} value as text, or C{""}.
     @ivar dst_override: the C{l5d-dst-override} value, or C{None}.
     """
 
-    __slots__ = ("headers", "size", "host", "content_length", "chunked", "connection", "upgrade",
-                 "grpc_status", "dst_override", "_extra")
+    __slots__ = ("headers", "size", "host", "content_length", "chunked", "transfer_encoding", "connection",
+                 "upgrade", "grpc_status", "dst_override", "_extra")
 
     def __init__(self):
         self.reset()
@@ -278,6 +280,7 @@ class HeadCollector:
         self.host = None
         self.content_length = None
         self.chunked = False
+        self.transfer_encoding = None
         self.connection = None
         self.upgrade = None
         self.grpc_status = ""
@@ -301,6 +304,9 @@ class HeadCollector:
             self.content_length = value
         elif name == b"transfer-encoding":
             self.chunked = True
+            # Kept whole so the request side can refuse anything but a lone "chunked" (request_framing_error).
+            te = self.transfer_encoding
+            self.transfer_encoding = value if te is None else te + b", " + value
         elif name == b"connection":
             tokens = _connection_tokens(value)
             if self.connection is None:
@@ -364,3 +370,43 @@ def parse_content_length(value):
     if not value.isdigit() or len(value) > 18:
         return None
     return int(value)
+
+
+def is_chunked_only(value):
+    """
+    C{True} when a C{Transfer-Encoding} value is exactly the one coding C{chunked}: case-insensitive, with
+    optional whitespace around it, and nothing else (no list, no empty list element, no parameter).
+
+    The surrounding whitespace accepted is what llhttp itself reads as C{chunked} (leading spaces or tabs,
+    trailing spaces), so the proxy and its parser never disagree about where a body ends.
+
+    @param value: the field value bytes.
+    """
+    return value.lstrip(b" \t").rstrip(b" ").lower() == b"chunked"
+
+
+def request_framing_error(req, version):
+    """
+    Why a request that has a C{Transfer-Encoding} cannot be framed safely, or C{None} when it can.
+
+    httptools (llhttp) already refuses C{Content-Length} with C{Transfer-Encoding}, repeated or non-numeric
+    C{Content-Length}, C{chunked} given twice, and a few obfuscations; it accepts other codings before
+    C{chunked} (C{gzip, chunked}), empty list elements (C{, chunked}), several C{Transfer-Encoding} fields, and
+    C{Transfer-Encoding} on HTTP/1.0 requests. Each of those is a way to make two parsers disagree about where
+    a request ends (request smuggling), and the proxy decodes no coding but C{chunked}, so only a single field
+    that is exactly C{chunked} (L{is_chunked_only}) on an HTTP/1.1 request is accepted.
+
+    Called only for requests that have a C{Transfer-Encoding}, so ordinary requests pay nothing for it.
+
+    @param req: the request's L{HeadCollector}.
+    @param version: the request's HTTP version as httptools reports it (C{"1.1"}, C{"1.0"}).
+    @return: the reason for a 400 as text, or C{None}.
+    """
+    if req.content_length is not None:
+        return "transfer-encoding with content-length"
+    if version != "1.1":
+        return f"transfer-encoding in an HTTP/{version} request"
+    if not is_chunked_only(req.transfer_encoding):
+        # Several fields were joined with ", ", so a repeated field is caught here too.
+        return "transfer-encoding other than a lone chunked"
+    return None

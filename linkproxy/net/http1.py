@@ -330,6 +330,10 @@ class Http1ServerProtocol(Protocol):
 
     def _parse_failed(self, err):
         self._p_dead = True
+        if self._close_when_flushed:
+            # The connection closes after an answer already given (a request refused at its head, which llhttp
+            # may reject again after it, or Connection: close): what failed to parse gets no second answer.
+            return
         if self._busy and not self._req_complete:
             # The request in flight is the broken one.
             self._fail(err, close=True)
@@ -454,6 +458,11 @@ class Http1ServerProtocol(Protocol):
         self._keep_alive = keep_alive and not self._draining
         target = self._target = self._url
         if req.chunked:
+            # Checked before routing: a request whose end the proxy and the upstream could see differently
+            # (request smuggling) must not reach an endpoint, not even its head.
+            problem = h1.request_framing_error(req, version)
+            if problem is not None:
+                return self._fail(BadRequest(problem), close=True)
             self._req_chunked = self._req_has_body = True
             framing = _CHUNKED
         elif req.content_length is not None:
@@ -1220,6 +1229,10 @@ class Http1ClientProtocol(Protocol):
             return
         self._in_body = True
         self._keep_alive = self._parser.should_keep_alive()
+        if self._resp.chunked and self._parser.get_http_version() == _HTTP10:
+            # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing; the connection is closed
+            # after it rather than trusted with another request.
+            self._keep_alive = False
         if status == 101:
             self._switching = True
         if not server._response_head(self, status, self._reason, self._resp):

@@ -38,7 +38,7 @@ from twisted.internet.defer import CancelledError, succeed
 from twisted.logger import Logger
 
 from linkproxy.core import http1 as h1
-from linkproxy.core.errors import Unreachable
+from linkproxy.core.errors import BadRequest, Unreachable
 from linkproxy.core.headers import HOP_BY_HOP, ORIG_PROTO
 from linkproxy.net.h2 import STREAM_WINDOW, _Half, _Stream
 from linkproxy.net.http1 import _R_UPFULL
@@ -112,6 +112,9 @@ def h1_request_head(headers, ended):
     @param ended: C{True} when the request has no body (END_STREAM came with the headers).
     @return: C{(method, head bytes, framing)} where C{framing} is C{None} (no body or C{content-length}:
         raw body bytes) or C{"chunked"}, and the declared length (or C{None}) as C{int}.
+    @raise BadRequest: the C{content-length} is not a length the HTTP/1 head can carry, or the stream ended
+        without the body it declares (h2 checks DATA against it, but not a stream ended by its HEADERS): the
+        app would wait for bytes that never come and read the next request on the connection as them.
     """
     method = path = authority = host = None
     length = None
@@ -131,6 +134,8 @@ def h1_request_head(headers, ended):
             continue
         if name == b"content-length":
             length = h1.parse_content_length(pair[1])
+            if length is None:
+                raise BadRequest("invalid content-length")
             continue
         if name in HOP_BY_HOP:
             continue
@@ -140,6 +145,8 @@ def h1_request_head(headers, ended):
     out += fields
     chunked = False
     if ended:
+        if length:
+            raise BadRequest(f"content-length {length} but the stream ended without a body")
         if length is not None:
             out.append((b"content-length", b"%d" % length))
         elif method in _BODY_METHODS:
@@ -779,7 +786,14 @@ class _H1Upstream:
         stream = self.stream
         req = stream.req
         ended = req.ended and req.tail is True and not req.q
-        method, head, self._chunked, self._remaining = h1_request_head(stream.headers, ended)
+        try:
+            method, head, self._chunked, self._remaining = h1_request_head(stream.headers, ended)
+        except BadRequest as e:
+            # Nothing was written on the connection: it goes back to the pool untouched.
+            self._dead = True
+            self._pool.release(conn, stream.server._reactor.seconds())
+            self._malformed(e.reason)
+            return
         self._h1 = conn
         self._method = method
         self._reused = reused
@@ -802,9 +816,11 @@ class _H1Upstream:
             if self._chunked:
                 conn.out += (h1.chunk_prefix(len(data)), data, _CRLF)
             elif self._remaining is not None:
-                # Never more than the declared length: the app's connection must stay parseable.
+                # Never more than the declared length: the app's connection must stay parseable. (h2 refuses
+                # such DATA itself; this holds whatever it lets through.)
                 if len(data) > self._remaining:
-                    data = data[:self._remaining]
+                    self._malformed("DATA exceeds the content-length")
+                    raise StreamClosedError(stream_id)
                 self._remaining -= len(data)
                 conn.out.append(data)
             else:
@@ -816,6 +832,7 @@ class _H1Upstream:
         conn = self._h1
         if conn is None:
             raise StreamClosedError(stream_id)
+        self._check_length(stream_id)
         if self._chunked:
             conn.out.append(h1.LAST_CHUNK)
         self._request_sent()
@@ -825,9 +842,26 @@ class _H1Upstream:
         conn = self._h1
         if conn is None:
             raise StreamClosedError(stream_id)
+        self._check_length(stream_id)
         if self._chunked:
             conn.out.append(h1.last_chunk(_trailer_fields(headers)))
         self._request_sent()
+
+    def _check_length(self, stream_id):
+        # The request ends: with less DATA than its content-length the app would wait for the rest and read the
+        # next request on the connection as it. h2 compares DATA with content-length at a DATA frame's
+        # END_STREAM, but not when trailers end the stream.
+        if self._remaining:
+            self._malformed(f"request ended {self._remaining} bytes short of its content-length")
+            raise StreamClosedError(stream_id)
+
+    def _malformed(self, reason):
+        # The client's request cannot be framed as declared: 400 (a reset once the response has begun). Not the
+        # app's failure, so the lease is released as "no verdict"; the app connection, with a head already
+        # sent on it, is closed by _forget rather than reused (_req_done is not set).
+        stream = self.stream
+        stream._release(None)
+        stream.fail(BadRequest(reason))
 
     def reset_stream(self, stream_id, code):
         self._dead = True

@@ -5,7 +5,9 @@ certificate and a random generator.
 After a success the next request comes at C{fraction} (70 %) of the time the new leaf has left. After a
 failure it comes after a jittered exponential backoff (L{linkproxy.core.backoff.Backoff}), so that proxies
 that lost the service together do not come back together; while a certificate is still valid, a retry
-never waits more than half the time it has left, so there are several attempts before it expires.
+never waits more than half the time it has left, so there are several attempts before it expires. Those
+shortened retries do not grow the backoff: a proxy whose certificate ran out while the service was away
+comes back within the backoff its own choices reached, not the one the rush before expiry would have.
 """
 
 from linkproxy.core.backoff import Backoff
@@ -22,7 +24,8 @@ class RenewalSchedule:
     """
     The delays between certification attempts for one proxy.
 
-    @ivar failures: consecutive failed attempts since the last success.
+    @ivar failures: the failed attempts since the last success that grew the backoff.
+    @ivar attempts: every failed attempt since the last success.
     """
 
     def __init__(self, random, fraction=DEFAULT_FRACTION, backoff=None):
@@ -37,6 +40,7 @@ class RenewalSchedule:
         self.fraction = float(fraction)
         self.backoff = backoff if backoff is not None else Backoff(1.0, 60.0, 0.5)
         self.failures = 0
+        self.attempts = 0
 
     def succeeded(self, now, not_after):
         """
@@ -44,7 +48,7 @@ class RenewalSchedule:
         @param not_after: its notAfter, in seconds.
         @return: the delay until it should be renewed.
         """
-        self.failures = 0
+        self.failures = self.attempts = 0
         return max(0.0, (not_after - now) * self.fraction)
 
     def failed(self, now, not_after=None):
@@ -54,7 +58,10 @@ class RenewalSchedule:
         @return: the delay until the next attempt.
         """
         delay = self.backoff.delay(self.failures, self._random)
-        self.failures += 1
+        self.attempts += 1
         if not_after is not None and now < not_after:
-            delay = min(delay, max(_MIN_RETRY, (not_after - now) / 2.0))
+            limit = max(_MIN_RETRY, (not_after - now) / 2.0)
+            if delay > limit:
+                return limit
+        self.failures += 1
         return delay

@@ -292,7 +292,7 @@ class IdentityStore:
         delay = self._schedule.failed(self._now(), not_after)
         self.log.warn("identity {name} not certified: {error}; retrying in {delay:.1f} s (attempt {attempt})",
                       name=self.name, error=failure.getErrorMessage(), delay=delay,
-                      attempt=self._schedule.failures)
+                      attempt=self._schedule.attempts)
         self._renew_call = self._reactor.callLater(delay, self._request)
 
     def _reload_anchors(self):

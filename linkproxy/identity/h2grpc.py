@@ -72,14 +72,17 @@ class GrpcServerProtocol(Protocol, TimeoutMixin):
     The server side of one HTTP/2 connection carrying unary gRPC calls.
     """
 
-    def __init__(self, handlers, max_message, idle_timeout=60.0, on_status=None):
+    def __init__(self, handlers, max_message, idle_timeout=60.0, on_status=None, clock=None):
         """
         @param handlers: C{{path (bytes): handler}}; C{handler(message)} returns a Deferred that fires with
             the response message, or fails with L{GrpcError}.
         @param max_message: the largest request message accepted, in bytes.
         @param idle_timeout: seconds a connection may stay silent before it is closed.
         @param on_status: called with the gRPC status code of every finished call, if given.
+        @param clock: the C{IReactorTime} of the idle timeout; the global reactor by default.
         """
+        if clock is not None:
+            self.callLater = clock.callLater
         self._handlers = handlers
         self._max_message = max_message
         self._idle_timeout = idle_timeout
@@ -225,8 +228,8 @@ class GrpcServerFactory(Factory):
 
     noisy = False
 
-    def __init__(self, handlers, max_message, idle_timeout=60.0, on_status=None):
-        self._args = (handlers, max_message, idle_timeout, on_status)
+    def __init__(self, handlers, max_message, idle_timeout=60.0, on_status=None, clock=None):
+        self._args = (handlers, max_message, idle_timeout, on_status, clock)
 
     def buildProtocol(self, addr):
         return GrpcServerProtocol(*self._args)

@@ -427,7 +427,7 @@ def make_identity_service(settings, reactor, log_level=None):
         reviewer=settings.reviewer, audience=settings.audience, lifetime=settings.lifetime,
         limiter=certify.RateLimiter(settings.rate_burst, settings.rate_period), clock=reactor,
         registry=metrics.registry)
-    grpc = GrpcServerFactory({CERTIFY_PATH.encode("ascii"): handler}, MAX_MESSAGE_LENGTH)
+    grpc = GrpcServerFactory({CERTIFY_PATH.encode("ascii"): handler}, MAX_MESSAGE_LENGTH, clock=reactor)
     tls = TLSMemoryBIOFactory(_H2ServerCreator(server_context_factory(store, require_client_cert=False)),
                               False, grpc)
     tls.noisy = False

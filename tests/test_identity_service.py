@@ -772,3 +772,68 @@ class H2GrpcTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.clock.advance(10)
         self.assertEqual(self.failureResultOf(d, grpcwire.GrpcError).value.code, grpcwire.DEADLINE_EXCEEDED)
+
+
+class ManifestTests(SynchronousTestCase):
+    """
+    C{deploy/kubernetes/}: the identity service's manifests and the sidecar snippet agree with the code.
+    """
+
+    def load(self, name):
+        import yaml
+        from tests.proc import ROOT
+        with open(os.path.join(ROOT, "deploy", "kubernetes", name)) as f:
+            return [doc for doc in yaml.safe_load_all(f) if doc]
+
+    def test_identity_service(self):
+        """
+        The service's account may only create tokenreviews; it runs serve with the Kubernetes token review
+        for the audience proxies' tokens carry, and mounts the issuer Secret; its account and namespace
+        give the identity proxies expect by default.
+        """
+        from linkproxy.identity.server import DEFAULT_AUDIENCE
+        docs = {(d["kind"], d["metadata"]["name"]): d for d in self.load("identity.yaml")}
+        role = docs[("ClusterRole", "linkproxy-identity")]
+        self.assertEqual(role["rules"], [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                                          "verbs": ["create"]}])
+        binding = docs[("ClusterRoleBinding", "linkproxy-identity")]
+        self.assertEqual(binding["subjects"], [{"kind": "ServiceAccount", "name": "identity",
+                                                "namespace": "linkproxy"}])
+        pod = docs[("Deployment", "linkproxy-identity")]["spec"]["template"]["spec"]
+        self.assertEqual(pod["serviceAccountName"], "identity")
+        args = pod["containers"][0]["args"]
+        self.assertEqual(args[:2], ["linkproxy-identity", "serve"])
+        self.assertEqual(args[args.index("--token-review") + 1], "kubernetes")
+        self.assertEqual(args[args.index("--audience") + 1], DEFAULT_AUDIENCE)
+        self.assertEqual(pod["volumes"][0]["secret"]["secretName"], "linkproxy-identity-issuer")
+        secret = self.load("issuer-secret.yaml")[0]
+        self.assertEqual(sorted(secret["stringData"]), ["ca.pem", "issuer-key.pem", "issuer.pem"])
+
+    def test_sidecar(self):
+        """
+        The sidecar's environment is a valid proxy configuration for the identity service; its projected
+        token is for the service's audience; no Secret (so no issuer key) is mounted in the application pod.
+        """
+        from linkproxy.identity.server import DEFAULT_AUDIENCE
+        docs = self.load("sidecar.yaml")
+        deployment = [d for d in docs if d["kind"] == "Deployment"][0]
+        pod = deployment["spec"]["template"]["spec"]
+        sidecar = [c for c in pod["containers"] if c["name"] == "linkproxy"][0]
+        values = {"POD_NAMESPACE": deployment["metadata"]["namespace"], "POD_SERVICE_ACCOUNT": pod["serviceAccountName"]}
+        env = {}
+        for item in sidecar["env"]:
+            if "value" in item:
+                value = item["value"]
+                for name, known in values.items():
+                    value = value.replace(f"$({name})", known)
+                env[item["name"]] = value
+        config = parse_config({}, env, None)
+        self.assertEqual(config.identity_name, WEB)
+        self.assertEqual(config.identity_service_name, f"identity.linkproxy.serviceaccount.identity.{TD}")
+        self.assertEqual(deployment["spec"]["template"]["metadata"]["annotations"]["linkproxy.io/identity"], WEB)
+        for volume in pod["volumes"]:
+            self.assertNotIn("secret", volume)
+        projected = [v for v in pod["volumes"] if "projected" in v][0]["projected"]["sources"][0]["serviceAccountToken"]
+        self.assertEqual(projected["audience"], DEFAULT_AUDIENCE)
+        mount = [m for m in sidecar["volumeMounts"] if m["name"] == "linkproxy-identity-token"][0]["mountPath"]
+        self.assertEqual(os.path.join(mount, projected["path"]), config.identity_token_file)

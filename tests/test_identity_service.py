@@ -660,6 +660,19 @@ class ServiceStoreTests(SynchronousTestCase):
         e = self.assertRaises(ca.IdentityError, store.start)
         self.assertIn("/nonexistent/token", str(e))
 
+    def test_expired_files_not_ready(self):
+        """
+        Without an identity service too, /ready's reason turns to "expired" once the leaf's notAfter has
+        passed (a cert.pem nobody renewed).
+        """
+        ca.issue_leaf(self.domain, WEB, lifetime=100)
+        store = IdentityStore(self.domain, WEB, reactor=self.clock)
+        self.addCleanup(store.stop)
+        store.start()
+        self.assertIsNone(store.not_ready_reason())
+        self.clock.advance(100)
+        self.assertIn("expired", store.not_ready_reason())
+
     def test_stop(self):
         """stop() cancels the request in flight and every timer."""
         self.store.start()

@@ -170,6 +170,7 @@ class GrpcioCertifyTests(TestCase):
                                ("rate_limited", "8")]:
             self.assertEqual(self.service.metric("identity_refused_total", reason=reason, grpc_status=status), 1,
                              reason)
+        self.assertEqual(self.service.stop(), 0)
 
     def test_service_tls_identity(self):
         """

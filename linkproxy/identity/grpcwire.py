@@ -91,14 +91,6 @@ def unframe(body, max_length):
     return bytes(body[_PREFIX.size:])
 
 
-def frame_length(prefix):
-    """
-    @param prefix: at least the first five bytes of a stream's body.
-    @return: the length its first message announces.
-    """
-    return _PREFIX.unpack_from(prefix)[1]
-
-
 def decode_grpc_message(value):
     """
     @param value: a C{grpc-message} header value (percent-encoded UTF-8).

@@ -645,6 +645,8 @@ class ServiceStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.store.current.anchors), 2)
         self.assertEqual(self.store.current.generation, 2)
         self.assertEqual(self.sample("identity_cert_refreshes_total"), 1)
+        self.clock.advance(5)
+        self.assertEqual(len(self.certifier.calls[-1][2]), 2)
 
     def test_start_checks(self):
         """
@@ -659,6 +661,20 @@ class ServiceStoreTests(SynchronousTestCase):
         store = IdentityStore(self.domain, WEB, reactor=self.clock, certify=Checked())
         e = self.assertRaises(ca.IdentityError, store.start)
         self.assertIn("/nonexistent/token", str(e))
+
+    def test_issuer_key_unused(self):
+        """
+        A proxy whose directory still holds an issuer key does not use it with an identity service, and
+        says so.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        store = IdentityStore(self.domain, WEB, reactor=self.clock, certify=self.certifier)
+        self.addCleanup(store.stop)
+        store.start()
+        self.assertIsNone(store.current)
+        self.assertEqual(len([e for e in logged if "is not used with an identity service" in e.get("log_format", "")]), 1)
 
     def test_expired_files_not_ready(self):
         """

@@ -170,6 +170,8 @@ class GrpcioCertifyTests(TestCase):
                                ("rate_limited", "8")]:
             self.assertEqual(self.service.metric("identity_refused_total", reason=reason, grpc_status=status), 1,
                              reason)
+        # init left the root key beside the issuer; the service says it does not belong there.
+        self.assertIn("keep the root key offline", self.service.log())
         self.assertEqual(self.service.stop(), 0)
 
     def test_service_tls_identity(self):
@@ -187,6 +189,56 @@ class GrpcioCertifyTests(TestCase):
         with self.assertRaises(grpc.RpcError) as raised:
             pb2_grpc.IdentityStub(channel).Certify(pb2.CertifyRequest(identity=WEB), timeout=5)
         self.assertEqual(raised.exception.code(), grpc.StatusCode.UNAVAILABLE)
+
+
+class ProxyClientTests(TestCase):
+    """
+    The proxy's client (L{ServiceCertifier}) against the real service: it certifies, and it refuses a
+    service that does not prove the configured name or does not chain to the anchors.
+    """
+
+    def setUp(self):
+        self.dir = _trust_domain(self)
+        self.service = IdentityService(self, self.dir, "--token-review", f"file:{_token_file(self)}")
+        self.token = os.path.abspath(self.mktemp())
+        with open(self.token, "w") as f:
+            f.write("tok-web\n")
+        self.anchors = ca.load_certs(os.path.join(self.dir, "ca.pem"))
+
+    def certify(self, name=None, anchors=None):
+        from linkproxy.identity.client import ServiceCertifier
+        certifier = ServiceCertifier(("127.0.0.1", self.service.port), name or service_name(), self.token,
+                                     timeout=5)
+        key = ca.new_key()
+        return key, certifier(WEB, key, anchors or self.anchors)
+
+    def test_certified(self):
+        """The answer is a chain for our key and name that verifies against ca.pem."""
+        key, d = self.certify()
+
+        def check(chain):
+            self.assertTrue(ca.key_matches(chain[0], key))
+            self.assertEqual(ca.dns_names(chain[0]), [WEB])
+            ca.verify_chain(chain, self.anchors)
+        return d.addCallback(check)
+
+    def test_wrong_service_name(self):
+        """A service whose certificate names another identity is not talked to: UNAVAILABLE, no request."""
+        from linkproxy.identity.grpcwire import UNAVAILABLE, GrpcError
+        _, d = self.certify(name=f"impostor.linkproxy.serviceaccount.identity.{TD}")
+        d = self.assertFailure(d, GrpcError)
+        d.addCallback(lambda e: self.assertEqual(e.code, UNAVAILABLE))
+        d.addCallback(lambda _: self.assertEqual(self.service.metric("identity_certified_total"), 0))
+        return d
+
+    def test_untrusted_service(self):
+        """A service that does not chain to our anchors is refused the same way."""
+        from linkproxy.identity.grpcwire import UNAVAILABLE, GrpcError
+        other = _trust_domain(self)
+        _, d = self.certify(anchors=ca.load_certs(os.path.join(other, "ca.pem")))
+        d = self.assertFailure(d, GrpcError)
+        d.addCallback(lambda e: self.assertEqual(e.code, UNAVAILABLE))
+        return d
 
 
 class ServeConfigTests(TestCase):

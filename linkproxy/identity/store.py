@@ -172,11 +172,6 @@ class IdentityStore:
         """C{True} once an identity has been installed."""
         return self._current is not None
 
-    @property
-    def certified(self):
-        """C{True} when certificates come from the identity service."""
-        return self._certify is not None
-
     def not_ready_reason(self):
         """
         For C{/ready}: why this identity cannot be used now, or C{None} when it can.

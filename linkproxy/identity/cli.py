@@ -43,7 +43,8 @@ def parse_duration(text):
 
 def _parser():
     parser = argparse.ArgumentParser(
-        prog="linkproxy-identity", description="Manage linkproxy development identities.")
+        prog="linkproxy-identity",
+        description="Manage linkproxy identities: development trust domains, and the identity service.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     init = sub.add_parser("init", help="create a trust anchor and an issuer in DIR")

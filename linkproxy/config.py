@@ -86,6 +86,11 @@ class Config:
     @ivar balancer: balancer name, checked against installed plugins later.
     @ivar identity_dir: directory holding this proxy's trust anchors and credentials, or C{None}.
     @ivar identity_name: this proxy's identity, or C{None}. Set together with C{identity_dir}.
+    @ivar identity_service: C{"host:port"} of the identity service that certifies this proxy, or C{None}
+        (then the identity comes from C{identity_dir}'s files or its issuer).
+    @ivar identity_service_name: the identity the identity service must prove; when not given,
+        C{identity.linkproxy.serviceaccount.identity.<trust domain of identity_name>}.
+    @ivar identity_token_file: the token sent to the identity service, read afresh for every request.
     @ivar policy: inbound authorization mode, one of L{POLICY_MODES}.
     @ivar policy_allow: the identities allowed when C{policy} is C{"allow"}; empty otherwise.
     @ivar h2_upgrade: carry HTTP/1 between proxies as HTTP/2.
@@ -113,6 +118,9 @@ class Config:
     balancer: str = "p2c-ewma"
     identity_dir: Optional[str] = None
     identity_name: Optional[str] = None
+    identity_service: Optional[str] = None
+    identity_service_name: Optional[str] = None
+    identity_token_file: Optional[str] = None
     policy: str = "unauthenticated"
     policy_allow: Tuple[str, ...] = ()
     h2_upgrade: bool = False
@@ -441,6 +449,12 @@ def _identity_name(value: Any) -> Optional[str]:
     return _identity(_text(value, "a DNS-like identity name"))
 
 
+def _service_address(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    return format_address(_address(_text(value, "a host:port")))
+
+
 def _path(value: Any) -> Optional[str]:
     if value is None:
         return None
@@ -602,6 +616,15 @@ OPTIONS: Tuple[Option, ...] = (
            "Identity directory (ca.pem, and cert.pem + key.pem or an issuer). Needs --identity-name.", "DIR"),
     Option("identity_name", _identity_name, "none",
            "This proxy's identity name. Needs --identity-dir.", "NAME"),
+    Option("identity_service", _service_address, "none",
+           "Identity service (host:port) that signs this proxy's certificate; --identity-dir then holds "
+           "only ca.pem.", "HOST:PORT"),
+    Option("identity_service_name", _identity_name, "none",
+           "The identity the identity service must prove (when unset: "
+           "identity.linkproxy.serviceaccount.identity.<trust domain of --identity-name>).", "NAME"),
+    Option("identity_token_file", _path, "none",
+           "Token proving this proxy's identity to the identity service, read afresh for each request.",
+           "PATH"),
     Option("policy", _policy, Config.policy,
            "Inbound authorization: unauthenticated, authenticated, deny or allow:ID1,ID2,...", "MODE",
            fields=("policy", "policy_allow")),
@@ -748,9 +771,42 @@ def parse_config(cli: Mapping[str, Optional[str]], env: Mapping[str, str], file:
         problems.append(f"{labels['identity_dir']}: an identity directory needs an identity name too "
                         "(--identity-name); set both or neither")
 
+    _check_identity_service(settings, labels, problems)
+
     if problems:
         raise ConfigError(problems)
     return Config(**settings)
+
+
+_SERVICE_INFIX = ".serviceaccount.identity."
+
+
+def _check_identity_service(settings: Dict[str, Any], labels: Dict[str, str], problems: List[str]) -> None:
+    """
+    The identity-service options go together: the service needs a name and directory (for the anchors) and
+    a token; its name and token mean nothing without it. Fills in the default service name.
+    """
+    service = settings.get("identity_service")
+    if service is None:
+        for name in ("identity_service_name", "identity_token_file"):
+            if settings.get(name) is not None:
+                problems.append(f"{labels[name]}: only used with an identity service (--identity-service)")
+        return
+    label = labels["identity_service"]
+    name = settings.get("identity_name")
+    if settings.get("identity_dir") is None or name is None:
+        problems.append(f"{label}: an identity service needs --identity-name and --identity-dir "
+                        "(which holds ca.pem, the trust anchors)")
+    if settings.get("identity_token_file") is None:
+        problems.append(f"{label}: an identity service needs a token to prove the identity "
+                        "(--identity-token-file)")
+    if settings.get("identity_service_name") is None and name is not None:
+        _, sep, trust_domain = name.partition(_SERVICE_INFIX)
+        if sep and trust_domain:
+            settings["identity_service_name"] = f"identity.linkproxy{_SERVICE_INFIX}{trust_domain}"
+        else:
+            problems.append(f"{label}: cannot derive the service's identity from {name!r}, which has no "
+                            "trust domain; give --identity-service-name")
 
 
 def read_config_file(path: str) -> Mapping[str, Any]:

@@ -306,15 +306,23 @@ class _IdentityService(Service):
 def _start_identity(config, reactor, metrics, service):
     """
     Load (or self-issue) this proxy's identity before anything binds, so a broken identity directory is a
-    startup error rather than a proxy that refuses every meshed connection.
+    startup error rather than a proxy that refuses every meshed connection. With an identity service, only
+    the anchors and the token are checked here; C{/ready} waits for the first certificate.
 
     @raise linkproxy.identity.ca.IdentityError: with a one-line reason.
     @return: C{(store, meshed connect function)}.
     """
     from linkproxy.identity.store import IdentityStore
     from linkproxy.net.mesh import MeshConnector
-    store = IdentityStore(config.identity_dir, config.identity_name, reactor=reactor, metrics=metrics)
+    certify = None
+    if config.identity_service is not None:
+        from linkproxy.identity.client import ServiceCertifier
+        from linkproxy.core.endpoint import parse_host_port
+        certify = ServiceCertifier(parse_host_port(config.identity_service), config.identity_service_name,
+                                   config.identity_token_file, reactor=reactor)
+    store = IdentityStore(config.identity_dir, config.identity_name, reactor=reactor, metrics=metrics,
+                          certify=certify)
     store.start()
     _IdentityService(store).setServiceParent(service)
-    service.add_readiness_check(lambda: None if store.ready else f"identity {config.identity_name} not loaded")
+    service.add_readiness_check(store.not_ready_reason)
     return store, MeshConnector(store, reactor, config.connect_timeout, metrics=metrics).connect

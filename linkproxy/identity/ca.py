@@ -126,8 +126,13 @@ def new_key():
     return ec.generate_private_key(ec.SECP256R1())
 
 
+def _public(key):
+    # A private key or, for a leaf signed from a CSR, the public key itself.
+    return key.public_key() if hasattr(key, "public_key") else key
+
+
 def _ski(key):
-    return x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    return x509.SubjectKeyIdentifier.from_public_key(_public(key))
 
 
 def _aki(issuer_cert):
@@ -219,7 +224,7 @@ def make_leaf(issuer_cert, issuer_key, name, key, not_before, lifetime=DEFAULT_L
     @param issuer_cert: the issuer's certificate.
     @param issuer_key: the issuer's private key.
     @param name: the identity name (a DNS name).
-    @param key: the leaf's private key; only its public half is used.
+    @param key: the leaf's private key (only its public half is used), or its public key.
     @param not_before: start of validity, C{datetime} or unix timestamp. Callers usually pass "now minus
         a minute" (see L{BACKDATE}).
     @param lifetime: C{timedelta} or seconds; C{notAfter = not_before + lifetime}.
@@ -236,7 +241,7 @@ def make_leaf(issuer_cert, issuer_key, name, key, not_before, lifetime=DEFAULT_L
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer_cert.subject)
-        .public_key(key.public_key())
+        .public_key(_public(key))
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + span)

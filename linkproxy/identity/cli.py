@@ -5,6 +5,10 @@ directory holds.
     linkproxy-identity init DIR [--trust-domain D]
     linkproxy-identity issue DIR NAME [--lifetime 24h]
     linkproxy-identity show DIR
+    linkproxy-identity serve DIR [--listen DESC] [--token-review kubernetes|file:PATH] [--lifetime 24h] ...
+
+C{serve} runs the identity service (L{linkproxy.identity.server}); its configuration errors are listed at
+once and exit 78, as the proxy's do.
 
 Expected failures (a bad name, an existing CA, a missing file) print one line on stderr and exit 1; usage
 errors exit 2 (argparse's convention).
@@ -39,7 +43,8 @@ def parse_duration(text):
 
 def _parser():
     parser = argparse.ArgumentParser(
-        prog="linkproxy-identity", description="Manage linkproxy development identities.")
+        prog="linkproxy-identity",
+        description="Manage linkproxy identities: development trust domains, and the identity service.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     init = sub.add_parser("init", help="create a trust anchor and an issuer in DIR")
@@ -56,6 +61,29 @@ def _parser():
 
     show = sub.add_parser("show", help="describe the certificates in DIR")
     show.add_argument("dir", metavar="DIR")
+
+    serve = sub.add_parser("serve", help="run the identity service, signing CSRs with DIR's issuer")
+    serve.add_argument("dir", metavar="DIR", help="holds ca.pem, issuer.pem and issuer-key.pem")
+    # Values stay text here: the server checks them all and lists every problem at once.
+    serve.add_argument("--listen", default="tcp:8080", metavar="DESC",
+                       help="gRPC (TLS) listener (default: %(default)s)")
+    serve.add_argument("--admin", default="tcp:9990:interface=127.0.0.1", metavar="DESC",
+                       help="admin listener: /live /ready /metrics (default: %(default)s)")
+    serve.add_argument("--token-review", default="kubernetes", metavar="kubernetes|file:PATH",
+                       help="how tokens are checked (default: %(default)s)")
+    serve.add_argument("--lifetime", default="24h", help="leaf lifetime (default: %(default)s)")
+    serve.add_argument("--namespace", default=None, metavar="NS",
+                       help="namespace in the service's own identity (default: the pod's, else linkproxy)")
+    serve.add_argument("--identity-name", default=None, metavar="NAME",
+                       help="the service's own identity (default: "
+                            "identity.<namespace>.serviceaccount.identity.<trust-domain>)")
+    serve.add_argument("--audience", default="identity.linkproxy.io",
+                       help="audience tokens must be valid for (default: %(default)s)")
+    serve.add_argument("--kubeconfig", default=None, metavar="PATH",
+                       help="kubeconfig for the TokenReview API (default: $KUBECONFIG, else in-cluster)")
+    serve.add_argument("--rate-limit", default="10/1m", metavar="BURST/PERIOD",
+                       help="requests per identity: BURST at once, BURST per PERIOD (default: %(default)s)")
+    serve.add_argument("--log-level", default="info", help="debug, info, warn, error (default: %(default)s)")
     return parser
 
 
@@ -72,6 +100,9 @@ def main(argv=None, stdout=None, stderr=None):
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from linkproxy.identity.server import run
+        return run(args, stderr=stderr)
     try:
         if args.command == "init":
             anchor = ca.init_trust_domain(args.dir, args.trust_domain)

@@ -1,17 +1,21 @@
 """
 The proxy's identity: its certificate chain, key and trust anchors, kept current.
 
-L{IdentityStore} reads an identity directory (see L{linkproxy.identity.ca}). It uses C{cert.pem} and
-C{key.pem} when they are for its name; otherwise, given a development issuer (C{issuer.pem} and
-C{issuer-key.pem}), it issues itself a leaf whose key never leaves memory and renews it at a fraction of its
-lifetime. It polls the files and swaps in a new identity when they change; a file that is half written or
-invalid leaves the last good identity in place.
+L{IdentityStore} reads an identity directory (see L{linkproxy.identity.ca}). Given a C{certify} function (the
+identity service, L{linkproxy.identity.client.ServiceCertifier}), it generates its key in memory, has the
+service sign it, and renews at 70 % of the leaf's remaining lifetime, retrying failures with jittered
+backoff while the old leaf stays in use; the directory then only supplies the trust anchors (C{ca.pem}).
+Without one, it uses C{cert.pem} and C{key.pem} when they are for its name; otherwise, given a development
+issuer (C{issuer.pem} and C{issuer-key.pem}), it issues itself a leaf whose key never leaves memory and renews
+it at a fraction of its lifetime. It polls the files and swaps in a new identity when they change; a file
+that is half written or invalid leaves the last good identity in place.
 
 All time comes from the reactor (C{IReactorTime}), so a C{task.Clock} drives renewal and polling in tests.
 """
 
 import datetime
 import os
+import random as _random_module
 import weakref
 
 from service_identity import CertificateError, VerificationError
@@ -27,18 +31,36 @@ _WATCHED = (ca.CA_FILE, ca.CERT_FILE, ca.KEY_FILE, ca.ISSUER_FILE, ca.ISSUER_KEY
 _METRICS_BY_REGISTRY = weakref.WeakKeyDictionary()
 
 
-def _identity_metrics(registry):
-    pair = _METRICS_BY_REGISTRY.get(registry)
-    if pair is None:
+class _Metrics:
+    """
+    The identity families of one registry.
+    """
+
+    def __init__(self, registry):
         from prometheus_client import Counter, Gauge
-        pair = _METRICS_BY_REGISTRY[registry] = (
-            Gauge("identity_cert_expiration_timestamp_seconds",
-                  "Unix time at which the proxy's current leaf certificate expires", registry=registry),
-            Counter("identity_cert_refresh",
-                    "Times the proxy installed a new leaf certificate (loaded, reloaded or self-issued)",
-                    registry=registry),
-        )
-    return pair
+        self.expiration = Gauge(
+            "identity_cert_expiration_timestamp_seconds",
+            "Unix time at which the proxy's current leaf certificate expires", registry=registry)
+        self.installs = Counter(
+            "identity_cert_refresh",
+            "Times the proxy installed a new identity (loaded, reloaded, self-issued or certified)",
+            registry=registry)
+        # Linkerd's name: new leaf certificates only, not a reload that changed only the trust anchors.
+        self.refreshes = Counter(
+            "identity_cert_refreshes", "Times the proxy got a new leaf certificate", registry=registry)
+        self.refreshed = Gauge(
+            "identity_cert_refresh_timestamp_seconds",
+            "Unix time at which the proxy last got a new leaf certificate", registry=registry)
+        self.failures = Counter(
+            "identity_cert_refresh_failures", "Failed attempts to get a certificate from the identity service",
+            registry=registry)
+
+
+def _identity_metrics(registry):
+    metrics = _METRICS_BY_REGISTRY.get(registry)
+    if metrics is None:
+        metrics = _METRICS_BY_REGISTRY[registry] = _Metrics(registry)
+    return metrics
 
 
 class Identity:
@@ -92,16 +114,24 @@ class IdentityStore:
     log = Logger()
 
     def __init__(self, directory, name, *, reactor=None, metrics=None, lifetime=86400.0, renew_fraction=0.7,
-                 poll_interval=5.0):
+                 poll_interval=5.0, certify=None, random=None):
         """
         @param directory: the identity directory.
         @param name: this proxy's identity name.
         @param reactor: an C{IReactorTime}; defaults to the global reactor.
         @param metrics: a L{linkproxy.admin.metrics.Metrics} (or anything with a C{registry}); the store
-            registers C{identity_cert_expiration_timestamp_seconds} and C{identity_cert_refresh_total} on it.
+            registers C{identity_cert_expiration_timestamp_seconds}, C{identity_cert_refresh_total},
+            C{identity_cert_refreshes_total}, C{identity_cert_refresh_timestamp_seconds} and
+            C{identity_cert_refresh_failures_total} on it.
         @param lifetime: seconds a self-issued leaf lasts.
-        @param renew_fraction: the fraction of a self-issued leaf's lifetime after which it is renewed.
+        @param renew_fraction: the fraction of a self-issued leaf's lifetime after which it is renewed (of
+            the remaining lifetime, for a certified one).
         @param poll_interval: seconds between checks of the files for changes.
+        @param certify: C{certify(name, key, anchors)} returning a Deferred that fires with the signed chain
+            (leaf first), as L{linkproxy.identity.client.ServiceCertifier} does; when given, the store gets
+            every certificate this way and the directory only supplies C{ca.pem}. It may have a C{check()}
+            method, which L{start} calls to fail early (a missing token file).
+        @param random: a C{random.Random} for the retry jitter; tests seed it.
         """
         ca.check_dns_name(name)
         if lifetime <= 0:
@@ -118,8 +148,15 @@ class IdentityStore:
         self._lifetime = float(lifetime)
         self._renew_fraction = float(renew_fraction)
         self._poll_interval = float(poll_interval)
-        self._gauge, self._counter = (
-            _identity_metrics(metrics.registry) if metrics is not None else (None, None))
+        self._metrics = _identity_metrics(metrics.registry) if metrics is not None else None
+        self._certify = certify
+        self._schedule = None
+        if certify is not None:
+            from linkproxy.identity.renewal import RenewalSchedule
+            self._schedule = RenewalSchedule(random if random is not None else _random_module.Random(),
+                                             self._renew_fraction)
+        self._anchors = ()
+        self._pending = None
         self._current = None
         self._generation = 0
         self._callbacks = []
@@ -134,6 +171,19 @@ class IdentityStore:
     def ready(self):
         """C{True} once an identity has been installed."""
         return self._current is not None
+
+    def not_ready_reason(self):
+        """
+        For C{/ready}: why this identity cannot be used now, or C{None} when it can.
+
+        @return: a line of text, or C{None}.
+        """
+        if self._current is None:
+            return f"identity {self.name} not {'certified' if self._certify else 'loaded'} yet"
+        if self._now() >= self._current.not_after:
+            when = datetime.datetime.fromtimestamp(self._current.not_after, datetime.timezone.utc).isoformat()
+            return f"identity {self.name} expired at {when}"
+        return None
 
     @property
     def current(self):
@@ -163,6 +213,8 @@ class IdentityStore:
         if self._running:
             return self._current
         self._seen = self._signature()
+        if self._certify is not None:
+            return self._start_certifying()
         identity = self._load()
         self._running = True
         self._install(identity)
@@ -176,6 +228,82 @@ class IdentityStore:
             if call is not None and call.active():
                 call.cancel()
         self._poll_call = self._renew_call = None
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.called:
+            pending.cancel()
+
+    # --- the identity service -----------------------------------------------------------------------
+
+    def _start_certifying(self):
+        """
+        Load the anchors, check what can be checked now, and ask for the first certificate. A proxy whose
+        directory still holds an issuer key is told that it is unused: the point of the service is that no
+        proxy holds one.
+        """
+        self._anchors = tuple(ca.load_certs(self._path(ca.CA_FILE)))
+        check = getattr(self._certify, "check", None)
+        if check is not None:
+            check()
+        if os.path.exists(self._path(ca.ISSUER_KEY_FILE)):
+            self.log.warn("{path} is not used with an identity service; remove it from proxies",
+                          path=self._path(ca.ISSUER_KEY_FILE))
+        self._running = True
+        self._schedule_poll()
+        self._request()
+        return self._current
+
+    def _request(self):
+        self._renew_call = None
+        if not self._running:
+            return
+        from twisted.internet.defer import maybeDeferred
+        key = ca.new_key()
+        anchors = self._anchors
+        self._pending = d = maybeDeferred(self._certify, self.name, key, anchors)
+        d.addCallback(self._certified, key, anchors)
+        d.addErrback(self._not_certified)
+
+    def _certified(self, chain, key, anchors):
+        self._pending = None
+        if not self._running:
+            return
+        if not chain:
+            raise ca.IdentityError("the identity service sent no certificate")
+        if not ca.key_matches(chain[0], key):
+            raise ca.IdentityError("the identity service's certificate is not for our key")
+        if not self._names_match(chain[0]):
+            names = ", ".join(ca.dns_names(chain[0])) or "no DNS name"
+            raise ca.IdentityError(f"the identity service's certificate is for {names}, not {self.name}")
+        self._check(chain, anchors, "certificate from the identity service")
+        self._install(Identity(self.name, chain, key, anchors, self._generation + 1, self_issued=False))
+
+    def _not_certified(self, failure):
+        self._pending = None
+        if not self._running:
+            return
+        if self._metrics is not None:
+            self._metrics.failures.inc()
+        not_after = self._current.not_after if self._current is not None else None
+        delay = self._schedule.failed(self._now(), not_after)
+        self.log.warn("identity {name} not certified: {error}; retrying in {delay:.1f} s (attempt {attempt})",
+                      name=self.name, error=failure.getErrorMessage(), delay=delay,
+                      attempt=self._schedule.attempts)
+        self._renew_call = self._reactor.callLater(delay, self._request)
+
+    def _reload_anchors(self):
+        """
+        ca.pem changed: trust the new anchors from now on, for peers and for the next certificate.
+        """
+        try:
+            anchors = tuple(ca.load_certs(self._path(ca.CA_FILE)))
+        except ca.IdentityError as e:
+            self.log.warn("identity {name}: trust anchors not reloaded: {error}", name=self.name, error=str(e))
+            return
+        self._anchors = anchors
+        current = self._current
+        if current is not None:
+            self._install(Identity(self.name, current.chain, current.key, anchors, self._generation + 1,
+                                   self_issued=False), reschedule=False)
 
     # --- loading ------------------------------------------------------------------------------------
 
@@ -257,17 +385,26 @@ class IdentityStore:
         self._check(chain, anchors, self._path(ca.ISSUER_FILE))
         return Identity(self.name, chain, key, anchors, self._generation + 1, self_issued=True)
 
-    def _install(self, identity):
+    def _install(self, identity, reschedule=True):
+        previous = self._current
         self._generation = identity.generation
         self._current = identity
-        if self._gauge is not None:
-            self._gauge.set(identity.not_after)
-            self._counter.inc()
+        if self._metrics is not None:
+            self._metrics.expiration.set(identity.not_after)
+            self._metrics.installs.inc()
+            if previous is None or previous.leaf != identity.leaf:
+                self._metrics.refreshes.inc()
+                self._metrics.refreshed.set(self._now())
+        if identity.self_issued:
+            source = "self-issued"
+        else:
+            source = "from the identity service" if self._certify is not None else "from files"
         self.log.info("identity {name} installed: generation {generation}, expires {not_after}, "
                       "{source}", name=identity.name, generation=identity.generation,
                       not_after=datetime.datetime.fromtimestamp(identity.not_after, datetime.timezone.utc)
-                      .isoformat(), source="self-issued" if identity.self_issued else "from files")
-        self._schedule_renewal(identity)
+                      .isoformat(), source=source)
+        if reschedule:
+            self._schedule_renewal(identity)
         for callback in list(self._callbacks):
             try:
                 callback(identity)
@@ -280,6 +417,10 @@ class IdentityStore:
         if self._renew_call is not None and self._renew_call.active():
             self._renew_call.cancel()
         self._renew_call = None
+        if self._certify is not None and self._running:
+            delay = self._schedule.succeeded(self._now(), identity.not_after)
+            self._renew_call = self._reactor.callLater(delay, self._request)
+            return
         if not identity.self_issued or not self._running:
             # Files are renewed by whoever writes them; the poller picks the new ones up.
             return
@@ -305,7 +446,10 @@ class IdentityStore:
                 # Remember this state even if loading fails: a half-written file is retried when it changes
                 # again, not logged on every poll.
                 self._seen = seen
-                self._refresh("files changed")
+                if self._certify is not None:
+                    self._reload_anchors()
+                else:
+                    self._refresh("files changed")
         finally:
             self._schedule_poll()
 

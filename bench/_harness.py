@@ -12,7 +12,9 @@ What lives here:
     in `finally`, on SIGTERM/SIGHUP and at exit), plus starters for nginx, HAProxy and linkproxy;
   - /proc sampling of a process tree's CPU time (utime+stime) and RSS (VmRSS);
   - wrk and h2load runners that parse req/s and p50/p99 latency;
-  - the shared measurement loop, table printer and verdict helpers.
+  - the shared measurement loop, table printer and verdict helpers;
+  - A/B against a baseline checkout (--baseline DIR): a second linkproxy from DIR and its .venv, measured as
+    extra targets named C{<target>@base} in the same interleaved rounds, and a current-vs-baseline table.
 """
 
 import argparse
@@ -35,7 +37,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-VENV_TWIST = REPO / ".venv" / "bin" / "twist"
+BASELINE = "@base"  # suffix of the targets a --baseline checkout serves
+BASELINE_CPU_TOLERANCE = 0.05  # --baseline verdict: at most +5% CPU per request against the baseline
 OUT_DIR = BENCH_DIR / "out"  # git-ignored
 
 LOCALHOST = "127.0.0.1"
@@ -73,20 +76,53 @@ def which(name):
     return shutil.which(name, path=_SBIN_PATH)
 
 
-_compiled = False
+_compiled = set()
+
+_COMPILE = ("import compileall, sys, sysconfig\n"
+            "for path in (sysconfig.get_paths()['purelib'], *sys.argv[1:]):\n"
+            "    compileall.compile_dir(path, quiet=1, workers=2)\n"
+            "from twisted.application.service import IServiceMaker\n"
+            "from twisted.plugin import getPlugins\n"
+            "list(getPlugins(IServiceMaker))\n")
 
 
-def ensure_bytecode():
+def ensure_bytecode(repo=REPO):
     """
     Byte-compile the proxy and its libraries, as any normal install does.
 
     Environments that set PYTHONDONTWRITEBYTECODE (this one does) never cache bytecode, so every start
-    compiles every module from source, which leaves ~10 MiB of compiler garbage in the RSS we measure.
+    compiles every module from source, which leaves ~10 MiB of compiler garbage in the RSS we measure.  It
+    also writes Twisted's plugin cache (C{twisted/plugins/dropin.cache}): without it, the first start of a fresh
+    checkout imports every plugin to write it, and its idle RSS is ~12 MiB higher.
+
+    @param repo: the checkout whose C{linkproxy} and C{twisted} packages, and whose C{.venv}'s libraries, are
+        compiled (with that venv's Python).
     """
-    import compileall
-    import sysconfig
-    for path in (sysconfig.get_paths()["purelib"], str(REPO / "linkproxy"), str(REPO / "twisted")):
-        compileall.compile_dir(path, quiet=1, workers=2)
+    python = Path(repo) / ".venv" / "bin" / "python"
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+        subprocess.run([str(python), "-c", _COMPILE, str(Path(repo) / "linkproxy"), str(Path(repo) / "twisted")],
+                       env=env, cwd=str(repo), check=True, timeout=600)
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        raise BenchError(f"byte-compiling {repo} with {python} failed: {e}") from None
+
+
+def checkout_label(repo=REPO):
+    """
+    The checkout's short commit, with C{+modified} when its proxy code has uncommitted changes.
+
+    @param repo: a git checkout of linkproxy.
+    @return: for example C{"2068e4c"} or C{"4ac7a2f+modified"}; C{"?"} when git cannot tell.
+    """
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "linkproxy", "twisted",
+                                "setup.cfg", "pyproject.toml"], capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return "?"
+    return head + ("+modified" if dirty else "")
 
 
 def ensure_tools(names=("haproxy", "nginx", "wrk", "h2load")):
@@ -469,31 +505,35 @@ backend be
         self.wait_port(proc, port)
         return proc, port
 
-    def start_linkproxy(self, app_port, tcp_target_port=None, env=(), args=(), timeout=30.0):
+    def start_linkproxy(self, app_port, tcp_target_port=None, env=(), args=(), timeout=30.0, repo=None):
         """
         linkproxy from the repo's venv: `twist linkproxy --config FILE`, with a generated YAML config.
 
         Waits for GET /ready on the admin port to answer 200 and for every data port to accept; raises
         L{LinkproxyStartError} with the log tail otherwise.  Returns a L{Linkproxy} with its ports and idle RSS.
+
+        @param repo: another checkout to run instead of this one (C{--baseline}): its C{.venv/bin/twist},
+            with C{PYTHONPATH} set to it; C{None} for this repo.
         """
-        global _compiled
-        if not _compiled:
-            ensure_bytecode()
-            _compiled = True
-        if not VENV_TWIST.exists():
-            raise LinkproxyStartError(f"{VENV_TWIST} not found: create the venv in {REPO}/.venv first")
+        repo = Path(repo) if repo is not None else REPO
+        twist = repo / ".venv" / "bin" / "twist"
+        if not twist.exists():
+            raise LinkproxyStartError(f"{twist} not found: create the venv in {repo}/.venv first")
+        if repo not in _compiled:
+            ensure_bytecode(repo)
+            _compiled.add(repo)
         lp = Linkproxy(out_port=free_port(), in_port=free_port(), admin_port=free_port(),
                        tcp_port=free_port() if tcp_target_port else None, app_port=app_port,
                        tcp_target_port=tcp_target_port)
         cfg = self.path(f"{self.unique('linkproxy-config')}.yaml")
         cfg.write_text(lp.config_yaml())
         penv = dict(os.environ)
-        penv["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), penv.get("PYTHONPATH")]))
+        penv["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), penv.get("PYTHONPATH")]))
         for item in env:
             k, _, v = item.partition("=")
             penv[k] = v
-        argv = [VENV_TWIST, "linkproxy", "--config", cfg, *args]
-        proc = self.start("linkproxy", argv, env=penv, cpus=self.proxy_cpus)
+        argv = [twist, "linkproxy", "--config", cfg, *args]
+        proc = self.start("linkproxy" if repo == REPO else "linkproxy-base", argv, env=penv, cpus=self.proxy_cpus)
         lp.proc = proc
         deadline = time.monotonic() + timeout
         last = "no answer"
@@ -770,6 +810,10 @@ def common_args(description, default_duration=10, default_latency_duration=5):
     ap.add_argument("--json", metavar="PATH",
                     help="write results as JSON here (default bench/out/<scenario>-<time>.json)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir with configs and process logs")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="A/B: also run linkproxy from checkout DIR (with its own .venv, e.g. a git worktree of "
+                         "the commit a change started from) as targets named <target>@base, in the same "
+                         "interleaved rounds, and compare")
     return ap
 
 
@@ -924,6 +968,69 @@ def target_checks(name, results, ratios, skipped, rps_ratio, added_p50_us=None):
     return checks
 
 
+def _rss_after_kib(r):
+    """RSS after the throughput run: of the proxy, or summed over the proxies of a path (mesh: A and B)."""
+    if r.get("rss_after_kib"):
+        return r["rss_after_kib"]
+    return sum(v for k, v in r.items() if k.startswith("rss_after_kib_") and isinstance(v, (int, float))) or None
+
+
+def report_baseline(targets, results, args):
+    """
+    With C{--baseline}: print every target next to its C{@base} twin, measured in the same rounds.
+
+    @return: C{{name: {...}}} for every current target that has a measured twin: both sides' medians of req/s,
+        CPU us per request, c=1 p50/p99 and RSS after the load, the req/s ratio and the CPU change (a
+        fraction: +0.03 is 3% more CPU per request than the baseline); C{{}} without C{--baseline}.
+    """
+    if not getattr(args, "baseline", None):
+        return {}
+    names = {t.name for t in targets}
+    out, rows = {}, []
+    for t in targets:
+        base = t.name + BASELINE
+        if t.name.endswith(BASELINE) or base not in names:
+            continue
+        cur, old = results[t.name], results[base]
+        c = {
+            "rps": cur.get("rps"), "rps_base": old.get("rps"), "rps_vs_base": ratio(cur.get("rps"), old.get("rps")),
+            "cpu_us_per_req": cur.get("cpu_us_per_req"), "cpu_us_per_req_base": old.get("cpu_us_per_req"),
+            "p50_us": cur.get("p50_us"), "p50_us_base": old.get("p50_us"),
+            "p99_us": cur.get("p99_us"), "p99_us_base": old.get("p99_us"),
+            "rss_after_kib": _rss_after_kib(cur), "rss_after_kib_base": _rss_after_kib(old),
+        }
+        cpu_ratio = ratio(c["cpu_us_per_req"], c["cpu_us_per_req_base"])
+        c["cpu_change"] = None if cpu_ratio is None else cpu_ratio - 1
+        out[t.name] = c
+        mib = lambda kib: None if not kib else kib / 1024  # noqa: E731
+        rows.append([
+            t.name, _fmt(c["rps"]), _fmt(c["rps_base"]), _fmt(c["rps_vs_base"], "{:.3f}x"),
+            _fmt(c["cpu_us_per_req"], "{:.1f}"), _fmt(c["cpu_us_per_req_base"], "{:.1f}"),
+            _fmt(c["cpu_change"], "{:+.1%}"), f"{_fmt(c['p50_us'])} / {_fmt(c['p50_us_base'])}",
+            f"{_fmt(c['p99_us'])} / {_fmt(c['p99_us_base'])}",
+            f"{_fmt(mib(c['rss_after_kib']), '{:.1f}')} / {_fmt(mib(c['rss_after_kib_base']), '{:.1f}')}",
+        ])
+    print_table(f"Current {checkout_label()} vs baseline {checkout_label(args.baseline)} ({args.baseline}), "
+                f"same rounds",
+                ["target", "req/s", "req/s base", "x base", "CPU us/req", "base", "CPU change",
+                 "p50 c=1 / base", "p99 c=1 / base", "RSS after MiB / base"], rows)
+    return out
+
+
+def baseline_checks(comparison, tolerance=BASELINE_CPU_TOLERANCE):
+    """Verdict checks for L{report_baseline}'s result: each target's CPU per request within C{tolerance}."""
+    return [(f"{name} CPU us/req vs {name}{BASELINE}", c["cpu_change"], "<=", tolerance, "{:+.1%}")
+            for name, c in comparison.items()]
+
+
+def baseline_json(args, comparison):
+    """The C{baseline} entry of the JSON results (C{{}} without C{--baseline})."""
+    if not getattr(args, "baseline", None):
+        return {}
+    return {"baseline": {"dir": str(args.baseline), "commit": checkout_label(args.baseline),
+                         "current_commit": checkout_label(), "comparison": comparison}}
+
+
 def write_json(scenario, args, targets, results, ratios, verdict_ok, path=None, skipped=None, extra=None):
     OUT_DIR.mkdir(exist_ok=True)
     if path is None:
@@ -953,6 +1060,9 @@ def print_header(scenario, args, extra=""):
     print(f"   duration {args.duration:g}s @ {load}, latency {args.latency_duration:g}s @ c=1, "
           f"warmup {args.warmup:g}s, rounds {args.rounds}, pin {'on' if args.pin else 'off'}{extra}")
     print("   The machine is noisy: compare ratios (x haproxy, + us vs direct), not absolute numbers.")
+    if getattr(args, "baseline", None):
+        print(f"   A/B: current {checkout_label()} ({REPO}) vs baseline {checkout_label(args.baseline)} "
+              f"({args.baseline}), targets <name>{BASELINE}")
     busy = background_cpu()
     print(f"   background CPU before start: {busy:.0%} of {os.cpu_count()} CPUs"
           + ("  ** WARNING: something else is using the CPUs; expect noisy numbers **" if busy > 0.15 else ""))

@@ -11,6 +11,7 @@ Target: linkproxy >= 0.15x HAProxy req/s.
 
     .venv/bin/python bench/h2.py                 # full run (~1 min)
     .venv/bin/python bench/h2.py --no-linkproxy  # references only
+    .venv/bin/python bench/h2.py --rounds 3 --baseline DIR  # A/B against the checkout in DIR
 """
 
 import subprocess
@@ -104,18 +105,27 @@ def main():
             H.log(f"linkproxy ready; idle RSS {lp.idle_rss_kib / 1024:.1f} MiB")
             targets.append(H.Target("linkproxy-out", "linkproxy", lp.out_port, proc=lp.proc,
                                     idle_rss_kib=lp.idle_rss_kib))
+            if args.baseline:
+                base = h.start_linkproxy(app_port=h2port, env=args.lp_env, args=args.lp_arg,
+                                         timeout=args.startup_timeout, repo=args.baseline)
+                H.log(f"baseline linkproxy ready; idle RSS {base.idle_rss_kib / 1024:.1f} MiB")
+                targets.append(H.Target("linkproxy-out" + H.BASELINE, "linkproxy", base.out_port, proc=base.proc,
+                                        idle_rss_kib=base.idle_rss_kib))
         targets, skipped = H.smoke_all(targets, lambda t: check_h2(t, url, authority), args.keep_going)
         results = H.run_rounds(targets, args.rounds, lambda t: measure_h2_target(t, args, h, url))
         ratios = H.report(targets, results, latency_label="h2load -c 1 -m 1")
+        comparison = H.report_baseline(targets, results, args)
         checks = []
         if lp is not None:
             checks = H.target_checks("linkproxy-out", results, ratios, skipped, TARGET_RPS_RATIO)
             if "linkproxy-out" in results:
                 H.print_kv("linkproxy added p50 vs direct (c=1 m=1)", ratios["linkproxy-out"]["added_p50_us"],
                            "{:+.0f} us")
+            checks += H.baseline_checks(comparison)
         ok = H.verdict(checks or [("linkproxy (--no-linkproxy)", None, ">=", 0, "")])
         H.write_json(SCENARIO, args, targets, results, ratios, ok, args.json, skipped,
-                     {"linkproxy_idle_rss_kib": lp.idle_rss_kib if lp else None})
+                     {"linkproxy_idle_rss_kib": lp.idle_rss_kib if lp else None,
+                      **H.baseline_json(args, comparison)})
     return 0
 
 

@@ -8,6 +8,7 @@ Targets, for each linkproxy hop: >= 0.40x HAProxy req/s at c=50; <= +150 us p50 
 
     .venv/bin/python bench/http1.py                 # full run (~1.5 min)
     .venv/bin/python bench/http1.py --no-linkproxy  # references only
+    .venv/bin/python bench/http1.py --rounds 3 --baseline DIR  # A/B against the checkout in DIR
 """
 
 import _harness as H
@@ -36,23 +37,32 @@ def main():
             lp = h.start_linkproxy(app_port=backend, env=args.lp_env, args=args.lp_arg,
                                    timeout=args.startup_timeout)
             H.log(f"linkproxy ready; idle RSS {lp.idle_rss_kib / 1024:.1f} MiB")
-            targets.append(H.Target("linkproxy-out", "linkproxy", lp.out_port, proc=lp.proc, headers=hdrs,
-                                    host=authority, idle_rss_kib=lp.idle_rss_kib))
-            targets.append(H.Target("linkproxy-in", "linkproxy", lp.in_port, proc=lp.proc, headers=hdrs,
-                                    host=authority, idle_rss_kib=lp.idle_rss_kib))
+            sides = [("", lp)]
+            if args.baseline:
+                base = h.start_linkproxy(app_port=backend, env=args.lp_env, args=args.lp_arg,
+                                         timeout=args.startup_timeout, repo=args.baseline)
+                H.log(f"baseline linkproxy ready; idle RSS {base.idle_rss_kib / 1024:.1f} MiB")
+                sides.append((H.BASELINE, base))
+            for hop, attr in (("out", "out_port"), ("in", "in_port")):  # each hop next to its baseline
+                for suffix, p in sides:
+                    targets.append(H.Target(f"linkproxy-{hop}{suffix}", "linkproxy", getattr(p, attr), proc=p.proc,
+                                            headers=hdrs, host=authority, idle_rss_kib=p.idle_rss_kib))
             lp_names = ["linkproxy-out", "linkproxy-in"]
         targets, skipped = H.smoke_all(targets, H.check_http, args.keep_going)
         results = H.run_rounds(targets, args.rounds, lambda t: H.measure_wrk_target(t, args, h))
         ratios = H.report(targets, results)
+        comparison = H.report_baseline(targets, results, args)
         checks = []
         for name in lp_names:
             checks += H.target_checks(name, results, ratios, skipped, TARGET_RPS_RATIO, TARGET_ADDED_P50_US)
+        checks += H.baseline_checks(comparison)
         if lp is not None:
             H.print_kv("linkproxy idle RSS (info; tcp.py holds the target)", lp.idle_rss_kib / 1024,
                        "{:.1f} MiB (target <= %.0f MiB)" % TARGET_IDLE_RSS_MIB)
         ok = H.verdict(checks or [("linkproxy (--no-linkproxy)", None, ">=", 0, "")])
         H.write_json(SCENARIO, args, targets, results, ratios, ok, args.json, skipped,
-                     {"linkproxy_idle_rss_kib": lp.idle_rss_kib if lp else None})
+                     {"linkproxy_idle_rss_kib": lp.idle_rss_kib if lp else None,
+                      **H.baseline_json(args, comparison)})
     return 0
 
 

@@ -28,6 +28,10 @@ Target: linkproxy pair >= 0.35x the HAProxy pair's req/s at c=50.
     .venv/bin/python bench/mesh.py                  # full run (~1 min)
     .venv/bin/python bench/mesh.py --no-linkproxy   # references only
     .venv/bin/python bench/mesh.py --no-h2-upgrade  # skip the --h2-upgrade pair
+    .venv/bin/python bench/mesh.py --rounds 3 --baseline DIR  # A/B: also the plain pair from the checkout in DIR
+
+With --baseline DIR, a second plain pair runs from DIR's checkout and .venv (same identity dir and endpoints) as
+linkproxy-pair@base; the --h2-upgrade pair is measured for the current checkout only.
 """
 
 import re
@@ -170,14 +174,15 @@ backend be
 # the linkproxy pair
 
 
-def start_linkproxy_pair(h, args, backend, echo_port, identity_dir, extra=()):
+def start_linkproxy_pair(h, args, backend, echo_port, identity_dir, extra=(), repo=None):
     """
     linkproxy B (inbound → nginx), then A (outbound, file discovery naming B as the meshed endpoint).
 
+    @param repo: the checkout both proxies run from (C{--baseline}); C{None} for this one.
     @return: (A, B) as L{H.Linkproxy}.
     """
     common = [*args.lp_arg, "--identity-dir", str(identity_dir), *extra]
-    lp_b = h.start_linkproxy(app_port=backend, env=args.lp_env, timeout=args.startup_timeout,
+    lp_b = h.start_linkproxy(app_port=backend, env=args.lp_env, timeout=args.startup_timeout, repo=repo,
                              args=[*common, "--identity-name", NAME_B])
     eps = h.path(f"{h.unique('endpoints')}.yaml")
     lines = ["services:"]
@@ -187,7 +192,7 @@ def start_linkproxy_pair(h, args, backend, echo_port, identity_dir, extra=()):
                   f"      identity: {NAME_B}",
                   f"      proxy: {H.LOCALHOST}:{lp_b.in_port}"]
     eps.write_text("\n".join(lines) + "\n")
-    lp_a = h.start_linkproxy(app_port=backend, env=args.lp_env, timeout=args.startup_timeout,
+    lp_a = h.start_linkproxy(app_port=backend, env=args.lp_env, timeout=args.startup_timeout, repo=repo,
                              args=[*common, "--identity-name", NAME_A, "--discovery", f"file:{eps}"])
     return lp_a, lp_b
 
@@ -472,12 +477,14 @@ def main():
             echo = h.start("echo-backend", [sys.executable, "-c", ECHO_SERVER, echo_port], cpus=h.load_cpus)
             h.wait_port(echo, echo_port)
 
-            pairs = [(LP, ())]
+            pairs = [(LP, (), None)]
+            if args.baseline:
+                pairs.append((LP + H.BASELINE, (), args.baseline))
             if not args.no_h2_upgrade:
-                pairs.append((LP_H2, ("--h2-upgrade", "on")))
-            for name, extra in pairs:
+                pairs.append((LP_H2, ("--h2-upgrade", "on"), None))
+            for name, extra, repo in pairs:
                 try:
-                    lp_a, lp_b = start_linkproxy_pair(h, args, backend, echo_port, identity_dir, extra)
+                    lp_a, lp_b = start_linkproxy_pair(h, args, backend, echo_port, identity_dir, extra, repo)
                 except H.LinkproxyStartError as e:
                     if name == LP_H2:
                         h2_note = (f"not measured (the pair did not start with --h2-upgrade on: "
@@ -517,6 +524,7 @@ def main():
 
         results = H.run_rounds(targets, args.rounds, lambda t: measure(t, args, h))
         ratios = report(targets, results)
+        comparison = H.report_baseline(targets, results, args)
 
         print()
         for k, (ver, cipher) in wire.items():
@@ -545,7 +553,8 @@ def main():
         else:
             r = results[LP]
             checks = [(f"{LP}/{REF} req/s", ratios[LP]["rps_vs_ref"], ">=", TARGET_RPS_RATIO, "{:.2f}x"),
-                      (f"{LP} errors", (r.get("errors") or 0) + (r.get("non2xx") or 0), "<=", 0, "{:.0f}")]
+                      (f"{LP} errors", (r.get("errors") or 0) + (r.get("non2xx") or 0), "<=", 0, "{:.0f}"),
+                      *H.baseline_checks(comparison)]
         ok = H.verdict(checks)
         for t in targets:
             t.idle_rss_kib = sum(t.extra.get("idle_rss_kib", {}).values()) or None
@@ -554,7 +563,7 @@ def main():
                                      "probes": {k: {"request_line": v["echo"][0], "headers": v["echo"][1],
                                                     "connections": v["connections"]} for k, v in probes.items()}},
                       "wire": {k: {"version": v, "cipher": c} for k, (v, c) in wire.items()},
-                      "identities": {"a": NAME_A, "b": NAME_B}})
+                      "identities": {"a": NAME_A, "b": NAME_B}, **H.baseline_json(args, comparison)})
     return 0
 
 

@@ -32,9 +32,16 @@ def main():
             H.log(f"linkproxy ready; idle RSS {lp.idle_rss_kib / 1024:.1f} MiB")
             targets.append(H.Target("linkproxy-tcp", "linkproxy", lp.tcp_port, proc=lp.proc,
                                     idle_rss_kib=lp.idle_rss_kib))
+            if args.baseline:
+                base = h.start_linkproxy(app_port=backend, tcp_target_port=backend, env=args.lp_env,
+                                         args=args.lp_arg, timeout=args.startup_timeout, repo=args.baseline)
+                H.log(f"baseline linkproxy ready; idle RSS {base.idle_rss_kib / 1024:.1f} MiB")
+                targets.append(H.Target("linkproxy-tcp" + H.BASELINE, "linkproxy", base.tcp_port, proc=base.proc,
+                                        idle_rss_kib=base.idle_rss_kib))
         targets, skipped = H.smoke_all(targets, H.check_http, args.keep_going)
         results = H.run_rounds(targets, args.rounds, lambda t: H.measure_wrk_target(t, args, h))
         ratios = H.report(targets, results)
+        comparison = H.report_baseline(targets, results, args)
         checks = []
         if lp is not None:
             checks = H.target_checks("linkproxy-tcp", results, ratios, skipped, TARGET_RPS_RATIO)
@@ -42,9 +49,11 @@ def main():
             if "linkproxy-tcp" in results:
                 H.print_kv("linkproxy added p50 vs direct (c=1)", ratios["linkproxy-tcp"]["added_p50_us"],
                            "{:+.0f} us")
+            checks += H.baseline_checks(comparison)
         ok = H.verdict(checks or [("linkproxy (--no-linkproxy)", None, ">=", 0, "")])
         H.write_json(SCENARIO, args, targets, results, ratios, ok, args.json, skipped,
-                     {"linkproxy_idle_rss_kib": lp.idle_rss_kib if lp else None})
+                     {"linkproxy_idle_rss_kib": lp.idle_rss_kib if lp else None,
+                      **H.baseline_json(args, comparison)})
     return 0
 
 

@@ -7,7 +7,7 @@ from zope.interface import implementer
 
 from linkproxy.core.endpoint import Endpoint
 from linkproxy.core.errors import NoEndpoints
-from linkproxy.interfaces import IDiscovery, ILease, IResolution, IRouter
+from linkproxy.interfaces import IDiscovery, ILease, IResolution, ISyncRouter
 
 
 @implementer(ILease)
@@ -26,7 +26,7 @@ class RecordingLease:
         self.outcomes.append(success)
 
 
-@implementer(IRouter)
+@implementer(ISyncRouter)
 class FakeRouter:
     """
     A router over a fixed mapping of authority to endpoint address, recording every lease it hands out.
@@ -46,6 +46,12 @@ class FakeRouter:
         self.leases = []
         self.authorities = []
         self.avoided = []
+
+    def route_now(self, authority, avoid=None):
+        """
+        Never at once: every request takes L{route}'s Deferred (which has fired already).
+        """
+        return None
 
     def route(self, authority, avoid=None):
         self.authorities.append(authority)

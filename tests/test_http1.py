@@ -1192,11 +1192,11 @@ class SyncRouter(FakeRouter):
         self.error = error
         self.deferred_routes = []
 
-    def route(self, authority):
+    def route(self, authority, avoid=None):
         self.deferred_routes.append(authority)
-        return super().route(authority)
+        return super().route(authority, avoid)
 
-    def route_now(self, authority):
+    def route_now(self, authority, avoid=None):
         if self.error is not None:
             raise self.error
         if self.wait:

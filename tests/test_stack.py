@@ -16,7 +16,7 @@ from linkproxy.core import retry
 from linkproxy.core.endpoint import Endpoint
 from linkproxy.core.profile import parse_profiles
 from linkproxy.discovery.profiles import Profiles
-from linkproxy.interfaces import IRouter
+from linkproxy.interfaces import ISyncRouter
 from linkproxy.layers.stack import CONNECT, RESET, RESPONSE, RequestStack
 from linkproxy.testing import FakeRouter, RecordingLease
 from tests.test_http1 import MemoryConnector, ParsedResponses, _Harness, make_settings, sample
@@ -155,7 +155,7 @@ def sample_route(metrics, name):
     return total
 
 
-@implementer(IRouter)
+@implementer(ISyncRouter)
 class TwoEndpoints:
     """
     A router over two endpoints that honours C{avoid}, recording every lease.
@@ -165,6 +165,9 @@ class TwoEndpoints:
         self.endpoints = endpoints
         self.leases = []
         self.avoided = []
+
+    def route_now(self, authority, avoid=None):
+        return None
 
     def route(self, authority, avoid=None):
         self.avoided.append(avoid)

@@ -2,6 +2,7 @@
 The balance layer: one attempt's endpoint, from discovery, the target's balancer and its failure accrual.
 """
 
+from linkproxy.interfaces import ISyncRouter
 from linkproxy.routing import route_request
 
 
@@ -13,10 +14,11 @@ class BalanceLayer:
 
     def __init__(self, router):
         self.router = router
-        # Routers written before route_now and avoid joined IRouter may lack them: they still route, and a
-        # retry then goes wherever they send it.
-        self._route_now = getattr(router, "route_now", None)
-        self._avoids = _takes_avoid(router.route) and (self._route_now is None or _takes_avoid(self._route_now))
+        # An ISyncRouter answers at once and steers retries; any other IRouter (a plugin's, written before
+        # ISyncRouter existed) is asked through its Deferred, and a retry goes wherever it sends it.
+        sync = ISyncRouter.providedBy(router)
+        self._route_now = router.route_now if sync else None
+        self._avoids = sync
 
     def pick(self, authority, avoid, now, later, failed):
         """
@@ -29,11 +31,3 @@ class BalanceLayer:
         return route_request(self.router, self._route_now, authority, now, later, failed,
                              avoid if self._avoids else None)
 
-
-def _takes_avoid(method):
-    import inspect
-    try:
-        parameters = inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
-    return "avoid" in parameters or any(p.kind == p.VAR_POSITIONAL for p in parameters.values())

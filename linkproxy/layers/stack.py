@@ -47,7 +47,9 @@ class RequestStack:
         self.route = RouteLayer(profiles)
         self.split = SplitLayer(profiles, rng)
         self.timeout = TimeoutLayer(response_timeout)
-        self.retry = RetryLayer()
+        # Inbound, the one endpoint is the local app: a failure there is answered at once, and the client's
+        # own proxy decides whether to retry elsewhere.
+        self.retry = RetryLayer(max_attempts=1 if direction == "inbound" else rules.MAX_ATTEMPTS)
         self.balance = BalanceLayer(router)
 
     def begin(self, authority, method, target, now, grpc_timeout=None):

@@ -10,7 +10,7 @@ from zope.interface import implementer
 
 from linkproxy.core.errors import Forbidden
 from linkproxy.core.policy import authorize
-from linkproxy.interfaces import IRouter
+from linkproxy.interfaces import ISyncRouter
 
 
 #: Distinct values kept per label chosen by clients; the rest fold into C{"overflow"}.
@@ -104,7 +104,7 @@ def authz_metrics(metrics):
     return found
 
 
-@implementer(IRouter)
+@implementer(ISyncRouter)
 class AuthorizingRouter:
     """
     An C{IRouter} for one inbound HTTP connection: counts its policy decision on every request, and answers
@@ -119,11 +119,26 @@ class AuthorizingRouter:
         self._router = router
         self._decision = decision
 
-    def route(self, authority):
+    def route(self, authority, avoid=None):
         """
         @return: the wrapped router's Deferred, or a failure with L{Forbidden}.
         """
         self._decision.count()
         if self._decision.allowed:
-            return self._router.route(authority)
+            return self._router.route(authority, avoid)
         return fail(Forbidden(f"unauthorized: {self._decision.reason}"))
+
+    def route_now(self, authority, avoid=None):
+        """
+        The synchronous form of L{route} (see L{ISyncRouter}); the decision is counted once either way.
+
+        @raise Forbidden: when the connection's decision is a denial.
+        """
+        decision = self._decision
+        if not decision.allowed:
+            decision.count()
+            raise Forbidden(f"unauthorized: {decision.reason}")
+        lease = self._router.route_now(authority, avoid)
+        if lease is not None:
+            decision.count()
+        return lease

@@ -24,13 +24,8 @@ FENCES = (h2_private, twisted_private)
 #: The other modules are to offer public names for these; remove each entry as its use goes, until this is empty.
 #: A new use fails the test, and so does an entry whose use is gone.
 KNOWN = {
-    # orig_proto bridges HTTP/1 and HTTP/2 by driving their internals; the request-stack work (issue #9)
-    # replaces that with the shared stream interfaces.
-    "linkproxy/net/orig_proto.py": {
-        "linkproxy.net.h2._Half",
-        "linkproxy.net.h2._Stream",
-        "linkproxy.net.http1._R_UPFULL",
-    },
+    # Empty: orig_proto once drove h2's and http1's internals; it now uses their exchange interfaces
+    # (linkproxy.net.exchange). Keep it empty.
 }
 
 

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from linkproxy.admin.metrics import Metrics
 from linkproxy.core.endpoint import Endpoint
 from linkproxy.net.context import HttpSettings, PeerInfo
-from linkproxy.net.h2 import H2Pool, H2ServerProtocol, _Stream
+from linkproxy.net.h2 import H2Pool, H2ServerProtocol, Stream
 from linkproxy.net.http1 import Http1Pool, Http1ServerProtocol
 from linkproxy.net.orig_proto import (
     H2Exchange, Http1Stream, UpgradingPool, downgrading_streams, h1_request_head, h1_response_head,
@@ -100,12 +100,12 @@ class HeaderRulesTests(SynchronousTestCase):
         harness = Harness(self)
         server = harness.inbound_server()
         plain = downgrading_streams(server, 1, [(b":method", b"GET"), (b"accept", b"*/*")], False)
-        self.assertEqual(type(plain), _Stream)
+        self.assertEqual(type(plain), Stream)
         marked = downgrading_streams(server, 3, [(b":method", b"GET"), (b"l5d-orig-proto", b"HTTP/1.1")], False)
         self.assertEqual(type(marked), Http1Stream)
         self.assertEqual(marked.headers, [(b":method", b"GET")])
         other = downgrading_streams(server, 5, [(b":method", b"GET"), (b"l5d-orig-proto", b"h3")], False)
-        self.assertEqual(type(other), _Stream)
+        self.assertEqual(type(other), Stream)
         self.assertEqual(other.headers, [(b":method", b"GET")])
 
 

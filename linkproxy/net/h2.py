@@ -3,7 +3,7 @@ HTTP/2 proxying on the sans-I/O h2 library: the accepted side (L{H2ServerProtoco
 connections to endpoints (L{H2Pool}).
 
 Each request stream accepted by an L{H2ServerProtocol} is routed on its own, and becomes one stream on a pooled
-upstream connection to the chosen endpoint. A L{_Stream} joins the two; each direction of it is a L{_Half} that
+upstream connection to the chosen endpoint. A L{Stream} joins the two; each direction of it is a L{Half} that
 forwards DATA as far as the receiving side's flow-control window allows and acknowledges the bytes to the
 sending side only once they are handed on. What a peer may send us is therefore bounded by the window we granted,
 and a reader that does not read stops its writer through HTTP/2 flow control instead of through our memory. On
@@ -66,6 +66,7 @@ from linkproxy.core.headers import CLIENT_ID, DST_OVERRIDE, HOP_BY_HOP, connecti
 from linkproxy.core.http1 import IDEMPOTENT_METHODS, MAX_REPLAY_BYTES
 from linkproxy.core.retry import CONNECT, RESET, RESPONSE
 from linkproxy.net.context import PLAIN, route_metrics
+from linkproxy.net.exchange import IStreamDownstream, IStreamEnd
 from linkproxy.net.h2_private import new_connection
 from linkproxy.net.splice import set_nodelay
 from linkproxy.net.tcp import connect_error_label
@@ -184,13 +185,13 @@ class _Flusher:
     Writes what h2 has queued for each connection touched by one event, once per connection, at the end of it.
 
     Writes to upstream connections go through Twisted's queue rather than straight to the socket
-    (L{linkproxy.net.splice.direct_writer}): the streams of many clients share one upstream connection, and the
+    (L{linkproxy.net.twisted_private.direct_writer}): the streams of many clients share one upstream connection, and the
     queue gathers the writes of one reactor turn into one send. (Measured again after the lean-frame work: direct
     upstream sends changed neither the CPU per request nor the c=1 latency.) Accepted connections write directly,
     as detection installs the direct writer on every accepted transport.
 
     @ivar busy: set while an event is being handled; flushes asked for meanwhile wait for its end.
-    @ivar pumps: the L{_Half}s given DATA or their end during the event, forwarded at its end: DATA followed by
+    @ivar pumps: the L{Half}s given DATA or their end during the event, forwarded at its end: DATA followed by
         END_STREAM in one read then leaves as one frame.
     """
 
@@ -225,7 +226,7 @@ class _Flusher:
                     proto.transport.loseConnection()
 
 
-class _Half:
+class Half:
     """
     One direction of a proxied stream: DATA read from C{src} and written to C{dst}, then END_STREAM or trailers.
 
@@ -286,7 +287,7 @@ class _Half:
         src = self.src
         if src is not None and src.alive:
             src.conn.acknowledge_received_data(n, self.src_id)
-            src._mark()
+            src.mark()
 
     def feed(self, data, flow_length):
         if self.closed:
@@ -314,7 +315,7 @@ class _Half:
         """
         if self.dst is None or self.scheduled:
             return
-        flusher = self.owner.server._flusher
+        flusher = self.owner.server.flusher
         if flusher.busy:
             self.scheduled = True
             flusher.pumps.append(self)
@@ -373,7 +374,7 @@ class _Half:
         except (StreamClosedError, ProtocolError):
             # The stream closed under us (a reset crossed our data); the owner learns of it from the event.
             self.drop()
-            self.owner._half_closed()
+            self.owner.half_closed()
             return
         finally:
             if sent:
@@ -387,10 +388,10 @@ class _Half:
                     sent -= n
                 if sent:
                     self.ack(sent)
-                dst._mark()
+                dst.mark()
         if self.closed:
-            dst._mark()
-            self.owner._half_closed()
+            dst.mark()
+            self.owner.half_closed()
         elif q:
             dst.waiting.add(self)
 
@@ -408,7 +409,8 @@ class _Half:
             self.dst.waiting.discard(self)
 
 
-class _Stream:
+@implementer(IStreamDownstream)
+class Stream:
     """
     One proxied request: a stream on the accepted connection joined to a stream on a pooled upstream connection.
     """
@@ -424,8 +426,8 @@ class _Stream:
         self.sid = sid
         self.up = None
         self.uid = 0
-        self.req = _Half(self, server, sid, keep=True)
-        self.resp = _Half(self, None, 0)
+        self.req = Half(self, server, sid, keep=True)
+        self.resp = Half(self, None, 0)
         self.resp.dst = server
         self.resp.dst_id = sid
         self.headers = headers
@@ -433,7 +435,7 @@ class _Stream:
         self.grpc = grpc
         self.lease = None
         self.route = None
-        self.started = server._reactor.seconds()
+        self.started = server.reactor.seconds()
         self.timer = None
         self.head = False
         self.status = None
@@ -467,7 +469,7 @@ class _Stream:
             if value is not None:
                 grpc_timeout = parse_grpc_timeout(value)
         call = self.call = server._stack.begin(authority, method, path, self.started, grpc_timeout)
-        self.timer = server._reactor.callLater(call.timeout, self._timed_out)
+        self.timer = server.reactor.callLater(call.timeout, self._timed_out)
         # At once or later, _routed flushes; within an event the flusher waits for the event's end.
         call.pick(self._routed, self._routed, self._route_failed)
 
@@ -481,17 +483,17 @@ class _Stream:
             self.route.requests.inc()
         if self.done:
             # The stream ended while it was routed; nothing was sent to the endpoint.
-            self._release(None)
+            self.release(None)
             return
         self.dispatch(lease.endpoint)
-        server._flusher.flush()
+        server.flusher.flush()
 
     def dispatch(self, endpoint):
         """
         Send the request to C{endpoint}: a stream on a pooled upstream connection. Hook: the HTTP/1 downgrade
         (L{linkproxy.net.orig_proto}) overrides it to use an HTTP/1 connection instead.
         """
-        self.server._pool._dispatch(self, endpoint)
+        self.server._pool.dispatch(self, endpoint)
 
     def _route_failed(self, failure):
         self.route = self.server._route(self.authority, None)
@@ -503,7 +505,7 @@ class _Stream:
             log.failure("routing {authority} failed", failure, authority=self.authority)
             error = Unreachable("routing failed")
         self.fail(error)
-        self.server._flusher.flush()
+        self.server.flusher.flush()
 
     def attached(self, up, uid, ended):
         """
@@ -522,7 +524,7 @@ class _Stream:
         else:
             req.pump()
 
-    def _release(self, success, at=None):
+    def release(self, success, at=None):
         if not self.released and self.lease is not None:
             self.released = True
             if at is None:
@@ -537,11 +539,11 @@ class _Stream:
 
         @return: C{True} when another attempt is under way.
         """
-        self._release(False)
+        self.release(False)
         req = self.req
         if self.done or self.head or req.kept is None or not self.down_open:
             return False
-        now = self.server._reactor.seconds()
+        now = self.server.reactor.seconds()
         if now - self.started >= self.call.timeout:
             return False
         endpoint = self.lease.endpoint if self.lease is not None else None
@@ -565,7 +567,7 @@ class _Stream:
         self.timer = None
         if not self.head and not self.done:
             self.fail(ResponseTimeout(self.call.timeout_reason))
-            self.server._flusher.flush()
+            self.server.flusher.flush()
 
     def _detach_upstream(self, code):
         """
@@ -575,14 +577,14 @@ class _Stream:
         if up is None:
             return
         self.up = None
-        up._forget(self.uid)
+        up.forget(self.uid)
         up.waiting.discard(self.req)
         if code is not None and up.alive:
             try:
                 up.conn.reset_stream(self.uid, code)
             except (StreamClosedError, ProtocolError):
                 pass
-            up._mark()
+            up.mark()
 
     # -- answers the proxy makes itself ------------------------------------------------------------------------
 
@@ -594,7 +596,7 @@ class _Stream:
             return
         self._cancel_timer()
         # Only the endpoint's own failures count against it; the proxy's rejections of the client do not.
-        self._release(False if blames_endpoint(error) else None)
+        self.release(False if blames_endpoint(error) else None)
         self._detach_upstream(_CANCEL)
         self.req.drop()
         resp = self.resp
@@ -606,13 +608,13 @@ class _Stream:
             self._complete()
             return
         headers, body = error_response(error, self.grpc)
-        self._head_at(server._reactor.seconds())
+        self._head_at(server.reactor.seconds())
         if self.grpc:
             self.status = 200
             self.grpc_status = str(error.grpc_status)
         else:
             self.status = error.status
-        server._mark()
+        server.mark()
         try:
             server.conn.send_headers(self.sid, headers, end_stream=not body)
         except (StreamClosedError, ProtocolError):
@@ -652,7 +654,7 @@ class _Stream:
         self._cancel_timer()
         if not self.head:
             # The client cancelled: no verdict on the endpoint.
-            self._release(None)
+            self.release(None)
         self.req.drop()
         self.resp.drop()
         self._detach_upstream(code)
@@ -673,14 +675,14 @@ class _Stream:
         if failed:
             call = self.call
             if call.route.retryable and self.req.ended:
-                now = server._reactor.seconds()
+                now = server.reactor.seconds()
                 call.answered(status, grpc, (now - self.started) * 1000.0)
                 if self._again(RESPONSE):
                     return
         self._cancel_timer()
-        self._head_at(server._reactor.seconds())
+        self._head_at(server.reactor.seconds())
         if failed or not self.grpc or ended:
-            self._release(not failed)
+            self.release(not failed)
         # A gRPC answer's outcome is in its trailers: released there (or when the stream ends).
         self.status = status
         self.grpc_status = grpc
@@ -697,9 +699,9 @@ class _Stream:
             # The client's stream is gone; its reset event follows or already came.
             self.down_reset(_CANCEL)
             return
-        server._mark()
+        server.mark()
         if resp.closed:
-            self._half_closed()
+            self.half_closed()
 
     def up_info(self, headers):
         if self.done or self.head:
@@ -708,14 +710,14 @@ class _Stream:
             self.server.conn.send_headers(self.sid, _response_headers(headers))
         except (StreamClosedError, ProtocolError):
             return
-        self.server._mark()
+        self.server.mark()
 
     def up_trailers(self, headers):
         if self.done:
             return
         self.grpc_status = grpc = grpc_status(headers)
         # The RTT is the head's, measured when it arrived.
-        self._release(not is_failure(self.status or 200, grpc), self.started + self.latency_ms / 1000.0)
+        self.release(not is_failure(self.status or 200, grpc), self.started + self.latency_ms / 1000.0)
         self.resp.finish(headers)
 
     def up_end(self):
@@ -752,7 +754,7 @@ class _Stream:
             # The whole response arrived: let it drain, then stop the client's request the same way.
             self.down_code = code if code is not None else _NO_ERROR
             if resp.closed:
-                self._half_closed()
+                self.half_closed()
             return
         resp.drop()
         self.down_code = code if code not in (None, _NO_ERROR) else _CANCEL
@@ -795,9 +797,9 @@ class _Stream:
                     server.conn.reset_stream(self.sid, self.down_code)
                 except (StreamClosedError, ProtocolError):
                     pass
-                server._mark()
+                server.mark()
 
-    def _half_closed(self):
+    def half_closed(self):
         if self.req.closed and self.resp.closed:
             self._complete()
 
@@ -807,7 +809,7 @@ class _Stream:
         self.done = True
         self._cancel_timer()
         if self.up is not None:
-            self.up._forget(self.uid)
+            self.up.forget(self.uid)
             self.up.waiting.discard(self.req)
         if self.down_open and not self.req.ended:
             # The response is complete but the request is not: ask the client to stop sending (RFC 9113 8.1).
@@ -820,8 +822,8 @@ class _Stream:
                 call.answered(self.status, self.grpc_status, self.latency_ms)
                 call.finished(self.status, self.grpc_status, self.latency_ms)
         # A gRPC stream that ended without its trailers (reset mid-body) was not answered properly.
-        self._release(False if not self.head else not is_failure(self.status, self.grpc_status))
-        self.server._forget(self.sid)
+        self.release(False if not self.head else not is_failure(self.status, self.grpc_status))
+        self.server.forget(self.sid)
 
 
 @implementer(IPushProducer)
@@ -830,19 +832,19 @@ class _H2Side(Protocol):
     What both ends of the proxy's HTTP/2 connections share: feeding received bytes to h2 and dispatching its
     events (with writes gathered into one flush), and pausing when the peer stops reading.
 
-    Subclasses provide C{conn}, C{_handlers}, C{_flusher}, C{_dirty}, C{_closing}, and the two hooks below.
+    Subclasses provide C{conn}, C{_handlers}, C{flusher}, C{_dirty}, C{_closing}, and the two hooks below.
     """
 
     alive = False
     blocked = False
 
-    def _mark(self):
+    def mark(self):
         """
         Have the flusher write what h2 queued for this connection, at the end of the event.
         """
         if not self._dirty:
             self._dirty = True
-            self._flusher.dirty.append(self)
+            self.flusher.dirty.append(self)
 
     def _close_soon(self):
         """
@@ -850,9 +852,9 @@ class _H2Side(Protocol):
         """
         if not self._closing:
             self._closing = True
-            self._mark()
-            self._flusher.closing.append(self)
-            self._flusher.flush()
+            self.mark()
+            self.flusher.closing.append(self)
+            self.flusher.flush()
 
     def _protocol_error(self, error):
         """
@@ -867,7 +869,7 @@ class _H2Side(Protocol):
     def dataReceived(self, data):
         if not self.alive:
             return
-        flusher = self._flusher
+        flusher = self.flusher
         was_busy = flusher.busy
         flusher.busy = True
         try:
@@ -883,7 +885,7 @@ class _H2Side(Protocol):
                 handler = handlers.get(type(event))
                 if handler is not None:
                     handler(event)
-            self._mark()
+            self.mark()
         finally:
             flusher.busy = was_busy
             flusher.flush()
@@ -907,7 +909,7 @@ class _H2Side(Protocol):
             return
         self.transport.resumeProducing()
         _pump_waiting(self)
-        self._flusher.flush()
+        self.flusher.flush()
 
     def stopProducing(self):
         """
@@ -915,6 +917,7 @@ class _H2Side(Protocol):
         """
 
 
+@implementer(IStreamEnd)
 class H2ServerProtocol(_H2Side):
     """
     The accepted side of an HTTP/2 connection: every request stream is routed and proxied on its own.
@@ -929,7 +932,7 @@ class H2ServerProtocol(_H2Side):
     conn = None
     #: Hook: builds the per-stream object as C{new_stream(server, sid, headers, grpc)}; set per connection to
     #: serve C{l5d-orig-proto} streams as HTTP/1 (L{linkproxy.net.orig_proto.downgrading_streams}).
-    new_stream = _Stream
+    new_stream = Stream
 
     def __init__(self, settings, peer=PLAIN):
         """
@@ -942,8 +945,8 @@ class H2ServerProtocol(_H2Side):
         if pool is None:
             pool = settings.h2_pool = H2Pool(settings)
         self._pool = pool
-        self._flusher = pool._flusher
-        self._reactor = settings.reactor
+        self.flusher = pool.flusher
+        self.reactor = settings.reactor
         self._stack = settings.stack
         self._streams = {}
         self._routes = {}
@@ -973,8 +976,8 @@ class H2ServerProtocol(_H2Side):
         self.conn = _new_connection(_SERVER_CONFIG, False, self.settings.max_header_bytes)
         self.alive = True
         self.transport.registerProducer(self, True)
-        self._mark()
-        self._flusher.flush()
+        self.mark()
+        self.flusher.flush()
         tracker = self.settings.tracker
         if tracker is not None:
             tracker.add(self)
@@ -997,7 +1000,7 @@ class H2ServerProtocol(_H2Side):
             stream.down_lost()
         self._streams.clear()
         self.waiting.clear()
-        self._flusher.flush()
+        self.flusher.flush()
 
     # -- tracker contract --------------------------------------------------------------------------------------
 
@@ -1009,8 +1012,8 @@ class H2ServerProtocol(_H2Side):
             return
         self._draining = True
         self._last_stream_id = last = self.conn.highest_inbound_stream_id
-        self._mark()
-        self._flusher.flush()
+        self.mark()
+        self.flusher.flush()
         # Written by hand: h2's close_connection() would stop the streams this GOAWAY lets finish.
         frame = GoAwayFrame(0)
         frame.last_stream_id = last
@@ -1105,7 +1108,7 @@ class H2ServerProtocol(_H2Side):
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def _forget(self, sid):
+    def forget(self, sid):
         self._streams.pop(sid, None)
         self.conn.drop_closed(sid)
         if not self._streams:
@@ -1147,7 +1150,7 @@ def _pump_waiting(proto):
             half.pump()
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IStreamEnd)
 class _H2ClientProtocol(_H2Side):
     """
     One pooled upstream HTTP/2 connection, multiplexing the streams of any number of accepted connections.
@@ -1158,7 +1161,7 @@ class _H2ClientProtocol(_H2Side):
     def __init__(self, pool, key):
         self._pool = pool
         self.key = key
-        self._flusher = pool._flusher
+        self.flusher = pool.flusher
         self._streams = {}
         self.waiting = set()
         self.blocked = False
@@ -1197,14 +1200,14 @@ class _H2ClientProtocol(_H2Side):
             uid = _LAST_STREAM_ID + 1
         if uid > _LAST_STREAM_ID:
             self._pool._retire(self)
-            self._pool._dispatch(stream, None)
+            self._pool.dispatch(stream, None)
             return
         req = stream.req
         ended = req.ended and req.tail is True and not req.q
         conn.send_headers(uid, stream.headers, end_stream=ended)
         self._streams[uid] = stream
         self._idle_since = None
-        self._mark()
+        self.mark()
         stream.attached(self, uid, ended)
 
     # -- IProtocol ---------------------------------------------------------------------------------------------
@@ -1214,8 +1217,8 @@ class _H2ClientProtocol(_H2Side):
         self.conn = _new_connection(_CLIENT_CONFIG, True, self._pool._settings.max_header_bytes)
         self.alive = True
         self.transport.registerProducer(self, True)
-        self._mark()
-        self._flusher.flush()
+        self.mark()
+        self.flusher.flush()
 
     def _protocol_error(self, error):
         log.info("HTTP/2 protocol error from {key}: {error}", key=self.key, error=error)
@@ -1236,7 +1239,7 @@ class _H2ClientProtocol(_H2Side):
         for stream in streams:
             stream.up = None
             stream.up_gone(None, "upstream connection lost")
-        self._flusher.flush()
+        self.flusher.flush()
 
     # -- h2 events ---------------------------------------------------------------------------------------------
 
@@ -1298,7 +1301,7 @@ class _H2ClientProtocol(_H2Side):
 
     # -- pool bookkeeping --------------------------------------------------------------------------------------
 
-    def _forget(self, uid):
+    def forget(self, uid):
         self._streams.pop(uid, None)
         self.conn.drop_closed(uid)
         if not self._streams:
@@ -1311,9 +1314,9 @@ class _H2ClientProtocol(_H2Side):
             self.close()
             return
         if self._idle_since is None:
-            self._idle_since = self._pool._reactor.seconds()
+            self._idle_since = self._pool.reactor.seconds()
             if self._idle_timer is None:
-                self._idle_timer = self._pool._reactor.callLater(self._pool._idle_timeout, self._idle_check)
+                self._idle_timer = self._pool.reactor.callLater(self._pool._idle_timeout, self._idle_check)
             self._pool._became_idle(self)
 
     def _idle_check(self):
@@ -1323,9 +1326,9 @@ class _H2ClientProtocol(_H2Side):
         if self._idle_since is None:
             self._check_idle()
             return
-        left = self._idle_since + self._pool._idle_timeout - self._pool._reactor.seconds()
+        left = self._idle_since + self._pool._idle_timeout - self._pool.reactor.seconds()
         if left > 0:
-            self._idle_timer = self._pool._reactor.callLater(left, self._idle_check)
+            self._idle_timer = self._pool.reactor.callLater(left, self._idle_check)
         else:
             self.close()
 
@@ -1354,8 +1357,8 @@ class H2Pool:
     Multiplexed HTTP/2 client connections to endpoints, shared by every accepted connection of one direction.
 
     There is one connection per endpoint (keyed by L{Endpoint.pool_key}: address, identity and proxy), used by
-    every stream, and another only when that one has
-    received GOAWAY or has reached the endpoint's concurrent-stream limit. Connections idle for
+    every stream, and another only when that one has received GOAWAY or has reached the endpoint's
+    concurrent-stream limit. Connections idle for
     C{settings.pool_idle_timeout} seconds are closed.
     """
 
@@ -1365,12 +1368,12 @@ class H2Pool:
             C{pool_idle_timeout}, C{pool_max_idle}, C{max_header_bytes} are used).
         """
         self._settings = settings
-        self._reactor = settings.reactor
+        self.reactor = settings.reactor
         self._idle_timeout = settings.pool_idle_timeout
         self._conns = {}
         self._connecting = {}
         self._all = set()
-        self._flusher = _Flusher()
+        self.flusher = _Flusher()
 
     def connection_count(self, address=None):
         """
@@ -1393,7 +1396,7 @@ class H2Pool:
 
     # -- used by the protocols ---------------------------------------------------------------------------------
 
-    def _dispatch(self, stream, endpoint):
+    def dispatch(self, stream, endpoint):
         if endpoint is None:
             endpoint = stream.lease.endpoint
         key = endpoint.pool_key
@@ -1420,9 +1423,9 @@ class H2Pool:
         self._conns.setdefault(key, []).append(proto)
         for stream in waiting:
             if not stream.done:
-                self._dispatch(stream, endpoint)
+                self.dispatch(stream, endpoint)
         proto._check_idle()
-        self._flusher.flush()
+        self.flusher.flush()
 
     def _connect_failed(self, failure, key):
         settings = self._settings
@@ -1430,7 +1433,7 @@ class H2Pool:
                                                         connect_error_label(failure)).inc()
         waiting = self._connecting.pop(key, [])
         self._fail_waiting(waiting, f"connect failed: {failure.getErrorMessage()}")
-        self._flusher.flush()
+        self.flusher.flush()
 
     def _fail_waiting(self, waiting, reason):
         for stream in waiting:

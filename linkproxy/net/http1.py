@@ -44,6 +44,7 @@ from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, Respo
 from linkproxy.core.headers import normalize_authority
 from linkproxy.layers.stack import CONNECT, RESET, RESPONSE
 from linkproxy.net.context import PLAIN, route_metrics
+from linkproxy.net.exchange import IHttp1Downstream, IHttp1Upstream
 from linkproxy.net.splice import set_nodelay
 from linkproxy.net.tcp import connect_error_label
 from linkproxy.net.twisted_private import direct_writer
@@ -53,7 +54,7 @@ log = Logger(namespace="linkproxy.net.http1")
 MAX_HELD_BYTES = h1.MAX_HELD_BYTES
 
 # Reasons reading from the client is paused; reading resumes when none is left.
-_R_UPFULL = 1   # the upstream's write buffer is full
+PAUSE_UPSTREAM_FULL = 1   # the upstream's write buffer is full
 _R_HOLD = 2     # too many bytes held for a pipelined request or a request waiting for its upstream
 
 # How the response body is framed towards the client.
@@ -78,7 +79,7 @@ class _Abort(Exception):
     """
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHttp1Downstream)
 class Http1ServerProtocol(Protocol):
     """
     The accepted side of an HTTP/1 connection: parses requests, routes each one, relays the response.
@@ -257,13 +258,13 @@ class Http1ServerProtocol(Protocol):
         """
         pass
 
-    def _pause_reading(self, reason):
+    def pause_request(self, reason):
         mask = self._pause_mask
         self._pause_mask = mask | reason
         if not mask and not self._disconnected:
             self.transport.pauseProducing()
 
-    def _resume_reading(self, reason):
+    def resume_request(self, reason):
         mask = self._pause_mask
         if mask & reason:
             mask = self._pause_mask = mask & ~reason
@@ -272,7 +273,7 @@ class Http1ServerProtocol(Protocol):
 
     # -- output ------------------------------------------------------------------------------------------------
 
-    def _flush_all(self):
+    def flush(self):
         out = self._out
         if out and not self._disconnected:
             self._write(out[0] if len(out) == 1 else b"".join(out))
@@ -314,7 +315,7 @@ class Http1ServerProtocol(Protocol):
         else:
             if not self._p_in_body and self._p_coarse > self._max_head:
                 self._parse_failed(HeadersTooLarge("request head too large"))
-        self._flush_all()
+        self.flush()
 
     def _internal_error(self, exc):
         cause = exc.__context__ if exc.__context__ is not None else exc
@@ -326,7 +327,7 @@ class Http1ServerProtocol(Protocol):
         self._raw_held.append(data)
         self._held_bytes += len(data)
         if self._held_bytes > MAX_HELD_BYTES:
-            self._pause_reading(_R_HOLD)
+            self.pause_request(_R_HOLD)
 
     def _parse_failed(self, err):
         self._p_dead = True
@@ -442,7 +443,7 @@ class Http1ServerProtocol(Protocol):
         if size:
             self._held_bytes += size
             if self._held_bytes + self._pending_bytes > MAX_HELD_BYTES:
-                self._pause_reading(_R_HOLD)
+                self.pause_request(_R_HOLD)
 
     # -- one exchange: request side ------------------------------------------------------------------------------
 
@@ -526,7 +527,7 @@ class Http1ServerProtocol(Protocol):
             lease.release(None)
             return
         self._dispatch(lease)
-        self._flush_all()
+        self.flush()
 
     def _dispatch(self, lease):
         # Send the request to the lease's endpoint, on a pooled connection or a new one; the caller flushes.
@@ -564,7 +565,7 @@ class Http1ServerProtocol(Protocol):
             log.failure("routing {authority} failed", failure, authority=self._authority)
             err = Unreachable("routing failed")
         self._fail(err)
-        self._flush_all()
+        self.flush()
 
     def _upstream_pool(self):
         # Hook for linkproxy.net.orig_proto.UpgradingPool, which may carry the exchange as HTTP/2: an upgrade
@@ -582,7 +583,7 @@ class Http1ServerProtocol(Protocol):
             conn.abort()
             return
         self._attach(conn, False)
-        self._flush_all()
+        self.flush()
 
     def _connect_failed(self, failure):
         self._connecting = None
@@ -597,7 +598,7 @@ class Http1ServerProtocol(Protocol):
             self._next_attempt(False)
         else:
             self._fail(Unreachable(f"connect to {endpoint.addr_str} failed: {_short(failure.value)}"))
-        self._flush_all()
+        self.flush()
 
     def _release(self, success):
         if not self._released and self._lease is not None:
@@ -637,7 +638,7 @@ class Http1ServerProtocol(Protocol):
         if self._pending_bytes:
             self._pending_bytes = 0
             if self._held_bytes <= MAX_HELD_BYTES:
-                self._resume_reading(_R_HOLD)
+                self.resume_request(_R_HOLD)
         out = conn.out
         out.append(self._head_for(conn.endpoint))
         if pending:
@@ -660,7 +661,7 @@ class Http1ServerProtocol(Protocol):
             self._pending_up += pieces
             self._pending_bytes += size
             if self._pending_bytes + self._held_bytes > MAX_HELD_BYTES:
-                self._pause_reading(_R_HOLD)
+                self.pause_request(_R_HOLD)
 
     def _body(self, data):
         if not self._busy or self._failed:
@@ -697,11 +698,11 @@ class Http1ServerProtocol(Protocol):
 
     # -- one exchange: response side (called by Http1ClientProtocol) --------------------------------------------
 
-    def _interim(self, status, reason, headers):
+    def interim(self, status, reason, headers):
         if self._version != _HTTP10:
             self._out.append(h1.serialize_response_head(status, reason, headers))
 
-    def _response_head(self, conn, status, reason, resp):
+    def response_head(self, conn, status, reason, resp):
         now = self._reactor.seconds()
         if status >= 500 and is_failure(status, resp.grpc_status):
             call = self._call
@@ -721,7 +722,7 @@ class Http1ServerProtocol(Protocol):
         self._replay = None
         headers = resp.finish()
         if status == 101 and not self._is_upgrade:
-            self._upstream_failed(conn, Unreachable("upstream switched protocols unasked"))
+            self.upstream_failed(conn, Unreachable("upstream switched protocols unasked"))
             return False
         self._resp_started = True
         self._status = status
@@ -757,13 +758,13 @@ class Http1ServerProtocol(Protocol):
         self._out.append(h1.serialize_response_head(status, reason, headers))
         return True
 
-    def _response_body(self, data):
+    def response_body(self, data):
         if self._resp_mode == _BODY_CHUNKED:
             self._out += (h1.chunk_prefix(len(data)), data, _CRLF)
         else:
             self._out.append(data)
 
-    def _response_end(self, trailers):
+    def response_end(self, trailers):
         if self._resp_mode == _BODY_CHUNKED:
             self._out.append(h1.last_chunk(trailers))
         grpc = self._resp_grpc
@@ -777,7 +778,7 @@ class Http1ServerProtocol(Protocol):
             call.answered(self._status, grpc, self._latency_ms)
             call.finished(self._status, grpc, self._latency_ms)
 
-    def _after_response(self, conn):
+    def response_complete(self, conn):
         # The response has ended; return the upstream connection and move to the next request.
         if conn is self._up:
             self._up = None
@@ -793,7 +794,7 @@ class Http1ServerProtocol(Protocol):
             return
         self._end_exchange()
 
-    def _switch(self, conn, rest):
+    def switch_protocols(self, conn, rest):
         # A 101: from here on both connections are one opaque byte stream.
         self._up = None
         self._splice = conn
@@ -804,7 +805,7 @@ class Http1ServerProtocol(Protocol):
             self._out.append(rest)
         raw, self._raw_held = self._raw_held, []
         self._held_bytes = 0
-        self._resume_reading(_R_HOLD)
+        self.resume_request(_R_HOLD)
         if raw:
             conn._write(b"".join(raw))
 
@@ -813,10 +814,10 @@ class Http1ServerProtocol(Protocol):
         The upstream of an upgraded (spliced) connection closed: close this side once its bytes are written.
         """
         if not self._disconnected:
-            self._flush_all()
+            self.flush()
             self.transport.loseConnection()
 
-    def _upstream_lost(self, conn, got_bytes):
+    def upstream_lost(self, conn, got_bytes):
         # The upstream closed (or reset) while serving this exchange.
         if conn is not self._up:
             return
@@ -843,7 +844,7 @@ class Http1ServerProtocol(Protocol):
             return
         self._fail(Unreachable("upstream closed the connection before responding"))
 
-    def _upstream_failed(self, conn, err):
+    def upstream_failed(self, conn, err):
         # The upstream sent something that is not HTTP/1: drop it.
         if conn is self._up:
             self._up = None
@@ -936,7 +937,7 @@ class Http1ServerProtocol(Protocol):
             self._timer = self._reactor.callLater(deadline - now, self._on_timer)
             return
         self._fail(ResponseTimeout(call.timeout_reason))
-        self._flush_all()
+        self.flush()
 
     # -- moving on ------------------------------------------------------------------------------------------------
 
@@ -957,7 +958,7 @@ class Http1ServerProtocol(Protocol):
             if held:
                 self._replay_events(held)
         if self._pause_mask & _R_HOLD and self._held_bytes + self._pending_bytes <= MAX_HELD_BYTES:
-            self._resume_reading(_R_HOLD)
+            self.resume_request(_R_HOLD)
 
     def _replay_events(self, held):
         # Feed the held events of pipelined requests back in, until one of them is in flight again.
@@ -977,7 +978,7 @@ class Http1ServerProtocol(Protocol):
             self._replaying = False
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHttp1Upstream)
 class Http1ClientProtocol(Protocol):
     """
     One upstream HTTP/1.1 connection, serving one exchange of an L{Http1ServerProtocol} at a time.
@@ -1036,7 +1037,7 @@ class Http1ClientProtocol(Protocol):
         self._got = False
         self._done = False
         if self._full:
-            server._pause_reading(_R_UPFULL)
+            server.pause_request(PAUSE_UPSTREAM_FULL)
 
     def detach(self):
         """
@@ -1049,7 +1050,7 @@ class Http1ClientProtocol(Protocol):
         if self.out and not self._closed:
             self.flush()
         if self._full:
-            server._resume_reading(_R_UPFULL)
+            server.resume_request(PAUSE_UPSTREAM_FULL)
         if self._reading_paused:
             self.resume_reading()
 
@@ -1127,7 +1128,7 @@ class Http1ClientProtocol(Protocol):
         self._full = True
         server = self._server or self._splice
         if server is not None:
-            server._pause_reading(_R_UPFULL)
+            server.pause_request(PAUSE_UPSTREAM_FULL)
 
     def resumeProducing(self):
         """
@@ -1136,7 +1137,7 @@ class Http1ClientProtocol(Protocol):
         self._full = False
         server = self._server or self._splice
         if server is not None:
-            server._resume_reading(_R_UPFULL)
+            server.resume_request(PAUSE_UPSTREAM_FULL)
 
     def stopProducing(self):
         """
@@ -1165,18 +1166,18 @@ class Http1ClientProtocol(Protocol):
             self._parser.feed_data(data)
         except HttpParserUpgrade as e:
             if self._switching and self._server is server:
-                server._switch(self, data[e.args[0]:])
+                server.switch_protocols(self, data[e.args[0]:])
         except HttpParserError as e:
             self._dirty = True
             if isinstance(e, HttpParserCallbackError) and not isinstance(e.__context__, _Abort):
                 log.failure("HTTP/1 response handling failed", Failure(e.__context__ or e))
             if self._server is server:
-                server._upstream_failed(self, Unreachable(f"invalid response from upstream: {_short(e)}"))
+                server.upstream_failed(self, Unreachable(f"invalid response from upstream: {_short(e)}"))
             else:
                 self.abort()
         else:
             if self._switching and self._splice is None and self._server is server:
-                server._switch(self, b"")
+                server.switch_protocols(self, b"")
         if self._skip:
             # A response to HEAD ended at its head, but the parser expects the body its headers describe.
             self._skip = False
@@ -1184,8 +1185,8 @@ class Http1ClientProtocol(Protocol):
         if self._done:
             self._done = False
             if self._server is server:
-                server._after_response(self)
-        server._flush_all()
+                server.response_complete(self)
+        server.flush()
 
     def on_message_begin(self):
         """
@@ -1214,7 +1215,7 @@ class Http1ClientProtocol(Protocol):
         resp = self._resp
         resp.add(name, value)
         if resp.size > self._max_head:
-            self._server._upstream_failed(self, Unreachable("response head too large"))
+            self._server.upstream_failed(self, Unreachable("response head too large"))
             raise _Abort()
 
     def on_headers_complete(self):
@@ -1225,7 +1226,7 @@ class Http1ClientProtocol(Protocol):
         status = self._parser.get_status_code()
         if status < 200 and status != 101:
             self._interim_msg = True
-            server._interim(status, self._reason, self._resp.finish())
+            server.interim(status, self._reason, self._resp.finish())
             return
         self._in_body = True
         self._keep_alive = self._parser.should_keep_alive()
@@ -1235,12 +1236,12 @@ class Http1ClientProtocol(Protocol):
             self._keep_alive = False
         if status == 101:
             self._switching = True
-        if not server._response_head(self, status, self._reason, self._resp):
+        if not server.response_head(self, status, self._reason, self._resp):
             raise _Abort()
         if self._method == b"HEAD":
             self._skip = True
             self._done = True
-            server._response_end(())
+            server.response_end(())
 
     def on_body(self, data):
         """
@@ -1249,7 +1250,7 @@ class Http1ClientProtocol(Protocol):
         if self._skip:
             self._dirty = True
             return
-        self._server._response_body(data)
+        self._server.response_body(data)
 
     def on_message_complete(self):
         """
@@ -1261,7 +1262,7 @@ class Http1ClientProtocol(Protocol):
         if self._skip or self._switching:
             return
         self._done = True
-        self._server._response_end(self._trailers)
+        self._server.response_end(self._trailers)
 
     def connectionLost(self, reason=ConnectionDone()):
         """
@@ -1280,11 +1281,11 @@ class Http1ClientProtocol(Protocol):
         if (self._in_body and not self._done and not self._skip and self._resp.content_length is None
                 and not self._resp.chunked and reason.check(ConnectionDone) is not None):
             # A body delimited by the end of the connection (HTTP/1.0 style) ended cleanly.
-            server._response_end(self._trailers)
-            server._after_response(self)
+            server.response_end(self._trailers)
+            server.response_complete(self)
         else:
-            server._upstream_lost(self, self._got)
-        server._flush_all()
+            server.upstream_lost(self, self._got)
+        server.flush()
 
 
 class Http1Pool:

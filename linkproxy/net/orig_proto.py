@@ -24,7 +24,7 @@ stream and the face of the HTTP/1 server towards the L{Http1ClientProtocol}). Th
 without C{l5d-orig-proto}; its response is sent back on the stream, marked C{l5d-orig-proto: HTTP/1.1}.
 
 Flow control and backpressure:
-    - Request bodies outbound go through an h2 L{_Half}: what is queued for the stream's window is bounded; past
+    - Request bodies outbound go through an h2 L{Half}: what is queued for the stream's window is bounded; past
       one stream window the HTTP/1 client's reading is paused.
     - Response DATA outbound is acknowledged to the peer as it is handed to the client, but not while the client's
       transport is full (the exchange is paused), so the peer's window closes instead of the proxy buffering.
@@ -36,12 +36,14 @@ Flow control and backpressure:
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from twisted.internet.defer import CancelledError, succeed
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from linkproxy.core import http1 as h1
 from linkproxy.core.errors import BadRequest, Unreachable
 from linkproxy.core.headers import HOP_BY_HOP, ORIG_PROTO
-from linkproxy.net.h2 import STREAM_WINDOW, _Half, _Stream
-from linkproxy.net.http1 import _R_UPFULL
+from linkproxy.net.exchange import IHttp1Downstream, IHttp1Upstream, IStreamDownstream, IStreamEnd
+from linkproxy.net.h2 import STREAM_WINDOW, Half, Stream
+from linkproxy.net.http1 import PAUSE_UPSTREAM_FULL
 
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
@@ -254,7 +256,7 @@ class _Lease:
 
 class _RequestSource:
     """
-    The HTTP/1 side of an L{H2Exchange}'s request L{_Half}: acknowledgements of forwarded bytes come here.
+    The HTTP/1 side of an L{H2Exchange}'s request L{Half}: acknowledgements of forwarded bytes come here.
     """
 
     __slots__ = ("exchange",)
@@ -270,7 +272,7 @@ class _RequestSource:
     def acknowledge_received_data(self, n, stream_id):
         self.exchange._acked(n)
 
-    def _mark(self):
+    def mark(self):
         pass
 
 
@@ -308,12 +310,13 @@ class _Writer:
             self.scheduled = True
             flusher.pumps.append(self)
         else:
-            self.server._flush_all()
+            self.server.flush()
 
     def pump(self):
-        self.server._flush_all()
+        self.server.flush()
 
 
+@implementer(IHttp1Upstream, IStreamDownstream)
 class H2Exchange:
     """
     One HTTP/1 exchange carried as an HTTP/2 stream to a peer proxy.
@@ -332,13 +335,13 @@ class H2Exchange:
     def __init__(self, h2_pool, endpoint):
         self.endpoint = endpoint
         self.lease = _Lease(endpoint)
-        # _Half finds the flusher as owner.server._flusher.
+        # Half finds the flusher as owner.server.flusher.
         self.server = h2_pool
         self._h2_pool = h2_pool
-        self._flusher = h2_pool._flusher
+        self.flusher = h2_pool.flusher
         self.out = []
         self.headers = None
-        self.req = _Half(self, _RequestSource(self), 0)
+        self.req = Half(self, _RequestSource(self), 0)
         self.resp = _ResponseSink(self)
         self.up = None
         self.uid = 0
@@ -369,7 +372,7 @@ class H2Exchange:
         """
         self._h1 = server
         self._method = method
-        self._writer = _Writer(server, self._flusher)
+        self._writer = _Writer(server, self.flusher)
 
     def detach(self):
         """
@@ -381,7 +384,7 @@ class H2Exchange:
         self._h1 = None
         if self._full:
             self._full = False
-            server._resume_reading(_R_UPFULL)
+            server.resume_request(PAUSE_UPSTREAM_FULL)
         self.resume_reading()
 
     def reusable(self):
@@ -413,8 +416,8 @@ class H2Exchange:
             return
         if self._ready and not self._dispatched:
             self._dispatched = True
-            self._h2_pool._dispatch(self, self.endpoint)
-        self._flusher.flush()
+            self._h2_pool.dispatch(self, self.endpoint)
+        self.flusher.flush()
 
     def close(self):
         """
@@ -450,7 +453,7 @@ class H2Exchange:
         if self._unacked:
             n, self._unacked = self._unacked, 0
             self._ack(n)
-            self._flusher.flush()
+            self.flusher.flush()
 
     # -- httptools callbacks: the request as the server serialised it -----------------------------------------------
 
@@ -477,7 +480,7 @@ class H2Exchange:
         self.req.feed(data, n)
         if self._queued > STREAM_WINDOW and not self._full and self._h1 is not None:
             self._full = True
-            self._h1._pause_reading(_R_UPFULL)
+            self._h1.pause_request(PAUSE_UPSTREAM_FULL)
 
     def on_message_complete(self):
         trailers = self._trailers
@@ -489,7 +492,7 @@ class H2Exchange:
         if self._full and self._queued <= STREAM_WINDOW:
             self._full = False
             if self._h1 is not None:
-                self._h1._resume_reading(_R_UPFULL)
+                self._h1.resume_request(PAUSE_UPSTREAM_FULL)
 
     # -- the face of a proxied stream (H2Pool, _H2ClientProtocol) -----------------------------------------------------
 
@@ -508,7 +511,7 @@ class H2Exchange:
         else:
             req.pump()
 
-    def _half_closed(self):
+    def half_closed(self):
         # The request direction is closed (all sent, or dropped).
         if self.req.closed and self._resp_done:
             self._finish()
@@ -535,7 +538,7 @@ class H2Exchange:
             return
         status, resp = h1_response_head(headers)
         if status is not None:
-            server._interim(status, None, resp.finish())
+            server.interim(status, None, resp.finish())
             self._writer.soon()
 
     def up_head(self, headers, ended):
@@ -549,7 +552,7 @@ class H2Exchange:
             self._upstream_error(Unreachable("invalid response from upstream: bad :status"))
             return
         self._no_body = not h1.response_has_body(self._method, status)
-        if server._response_head(self, status, None, resp) and ended:
+        if server.response_head(self, status, None, resp) and ended:
             self._response_done(None)
         writer.soon()
 
@@ -559,7 +562,7 @@ class H2Exchange:
             self._ack(flow_length)
             return
         if data and not self._no_body:
-            server._response_body(data)
+            server.response_body(data)
         if flow_length:
             if self._paused:
                 self._unacked += flow_length
@@ -598,7 +601,7 @@ class H2Exchange:
         self._reset(reset_with)
         server, writer = self._h1, self._writer
         if server is not None:
-            server._upstream_lost(self, self.head)
+            server.upstream_lost(self, self.head)
             writer.soon()
 
     def up_refused(self):
@@ -611,7 +614,7 @@ class H2Exchange:
         self._reset(_CANCEL)
         server, writer = self._h1, self._writer
         if server is not None:
-            server._upstream_lost(self, False)
+            server.upstream_lost(self, False)
             writer.soon()
 
     # -- internals -------------------------------------------------------------------------------------------------
@@ -620,9 +623,9 @@ class H2Exchange:
         self._resp_done = True
         server, writer = self._h1, self._writer
         if server is not None:
-            server._response_end(trailers)
+            server.response_end(trailers)
             # Detaches, then closes (or "releases") this exchange: see close().
-            server._after_response(self)
+            server.response_complete(self)
             writer.soon()
         if self.req.closed:
             self._finish()
@@ -630,7 +633,7 @@ class H2Exchange:
     def _upstream_error(self, error):
         server, writer = self._h1, self._writer
         if server is not None:
-            server._upstream_failed(self, error)
+            server.upstream_failed(self, error)
             writer.soon()
         else:
             self._reset(_CANCEL)
@@ -639,7 +642,7 @@ class H2Exchange:
         up = self.up
         if n and up is not None and up.alive:
             up.conn.acknowledge_received_data(n, self.uid)
-            up._mark()
+            up.mark()
 
     def _finish(self):
         if self.done:
@@ -651,7 +654,7 @@ class H2Exchange:
                 n, self._unacked = self._unacked, 0
                 self._ack(n)
             self.up = None
-            up._forget(self.uid)
+            up.forget(self.uid)
             up.waiting.discard(self.req)
 
     def _reset(self, code):
@@ -666,15 +669,15 @@ class H2Exchange:
             n, self._unacked = self._unacked, 0
             self._ack(n)
         self.up = None
-        up._forget(self.uid)
+        up.forget(self.uid)
         up.waiting.discard(self.req)
         if code is not None and up.alive:
             try:
                 up.conn.reset_stream(self.uid, code)
             except (StreamClosedError, ProtocolError):
                 pass
-            up._mark()
-        self._flusher.flush()
+            up.mark()
+        self.flusher.flush()
 
 
 # -- inbound: l5d-orig-proto streams served as HTTP/1 -----------------------------------------------------------------
@@ -688,18 +691,18 @@ def downgrading_streams(server, sid, headers, grpc):
         if name == ORIG_PROTO:
             break
     else:
-        return _Stream(server, sid, headers, grpc)
+        return Stream(server, sid, headers, grpc)
     headers = [pair for pair in headers if pair[0] != ORIG_PROTO]
     if not value.strip().upper().startswith(b"HTTP/1"):
-        return _Stream(server, sid, headers, grpc)
+        return Stream(server, sid, headers, grpc)
     return Http1Stream(server, sid, headers, grpc)
 
 
-class Http1Stream(_Stream):
+class Http1Stream(Stream):
     """
     A stream from a peer proxy that carries an HTTP/1 request: proxied to the app over an HTTP/1 connection.
 
-    Everything else (routing, timeouts, errors, resets, metrics, flow control towards the peer) is L{_Stream}'s.
+    Everything else (routing, timeouts, errors, resets, metrics, flow control towards the peer) is L{Stream}'s.
     """
 
     __slots__ = ()
@@ -711,23 +714,24 @@ class Http1Stream(_Stream):
             from linkproxy.net.http1 import Http1Pool
             pool = server.settings.h1_pool = Http1Pool(server.settings)
         up = _H1Upstream(self, pool, endpoint)
-        conn = pool.checkout(endpoint, server._reactor.seconds())
+        conn = pool.checkout(endpoint, server.reactor.seconds())
         if conn is not None:
             up.attach(conn, True)
         else:
             up.connect()
 
 
+@implementer(IHttp1Downstream, IStreamEnd)
 class _H1Upstream:
     """
     One HTTP/1 connection to the app, serving one L{Http1Stream}.
 
-    Towards the stream and its L{_Half}s it has the face of a pooled HTTP/2 connection (C{alive}, C{blocked},
-    C{waiting}, C{conn}, C{_mark}, C{_forget}), where "sending DATA" writes HTTP/1 body bytes; towards the
+    Towards the stream and its L{Half}s it has the face of a pooled HTTP/2 connection (C{alive}, C{blocked},
+    C{waiting}, C{conn}, C{mark}, C{forget}), where "sending DATA" writes HTTP/1 body bytes; towards the
     L{Http1ClientProtocol} it has the face of the HTTP/1 server of the exchange.
     """
 
-    __slots__ = ("stream", "conn", "alive", "blocked", "waiting", "_dirty", "_pool", "_endpoint", "_flusher", "_h1",
+    __slots__ = ("stream", "conn", "alive", "blocked", "waiting", "_dirty", "_pool", "_endpoint", "flusher", "_h1",
                  "_method", "_chunked", "_remaining", "_reused", "_held", "_paused", "_req_done", "_h1_done", "_resp_ended",
                  "_ended_at_head", "_dead")
 
@@ -743,7 +747,7 @@ class _H1Upstream:
         self._dirty = False
         self._pool = pool
         self._endpoint = endpoint
-        self._flusher = stream.server._flusher
+        self.flusher = stream.server.flusher
         self._h1 = None
         self._method = None
         self._chunked = False
@@ -769,7 +773,7 @@ class _H1Upstream:
             conn.abort()
             return
         self.attach(conn, False)
-        self._flusher.flush()
+        self.flusher.flush()
 
     def _connect_failed(self, failure):
         if self._dead or self.stream.done or failure.check(CancelledError):
@@ -777,7 +781,7 @@ class _H1Upstream:
         self._dead = True
         reason = failure.getErrorMessage().splitlines()[0][:120] if failure.getErrorMessage() else "error"
         self.stream.fail(Unreachable(f"connect to {self._endpoint.addr_str} failed: {reason}"))
-        self._flusher.flush()
+        self.flusher.flush()
 
     def attach(self, conn, reused):
         """
@@ -791,7 +795,7 @@ class _H1Upstream:
         except BadRequest as e:
             # Nothing was written on the connection: it goes back to the pool untouched.
             self._dead = True
-            self._pool.release(conn, stream.server._reactor.seconds())
+            self._pool.release(conn, stream.server.reactor.seconds())
             self._malformed(e.reason)
             return
         self._h1 = conn
@@ -800,10 +804,10 @@ class _H1Upstream:
         conn.attach(self, method)
         conn.out.append(head)
         self._req_done = ended
-        self._mark()
+        self.mark()
         stream.attached(self, 1, ended)
 
-    # -- the face of an upstream HTTP/2 connection (for _Stream and _Half) ------------------------------------------
+    # -- the face of an upstream HTTP/2 connection (for Stream and Half) ------------------------------------------
 
     def local_flow_control_window(self, stream_id):
         return _UNBOUNDED
@@ -858,9 +862,9 @@ class _H1Upstream:
     def _malformed(self, reason):
         # The client's request cannot be framed as declared: 400 (a reset once the response has begun). Not the
         # app's failure, so the lease is released as "no verdict"; the app connection, with a head already
-        # sent on it, is closed by _forget rather than reused (_req_done is not set).
+        # sent on it, is closed by forget rather than reused (_req_done is not set).
         stream = self.stream
-        stream._release(None)
+        stream.release(None)
         stream.fail(BadRequest(reason))
 
     def reset_stream(self, stream_id, code):
@@ -872,7 +876,7 @@ class _H1Upstream:
             conn.abort()
 
     def acknowledge_received_data(self, n, stream_id):
-        # The response _Half handed n bytes to the peer: read more from the app once below one window.
+        # The response Half handed n bytes to the peer: read more from the app once below one window.
         self._held -= n
         if self._paused and self._held <= STREAM_WINDOW:
             self._paused = False
@@ -886,12 +890,12 @@ class _H1Upstream:
             conn.flush()
         return b""
 
-    def _mark(self):
+    def mark(self):
         if not self._dirty:
             self._dirty = True
-            self._flusher.dirty.append(self)
+            self.flusher.dirty.append(self)
 
-    def _forget(self, uid):
+    def forget(self, uid):
         # The stream is done with this connection: back to the pool when the exchange completed, else closed.
         self.alive = False
         self._dead = True
@@ -900,12 +904,12 @@ class _H1Upstream:
             return
         if self._resp_ended and self._req_done and not self._h1_done:
             # The response's end completed the stream from inside the HTTP/1 parser's callbacks; the parser
-            # finishes the message next, and _after_response returns the connection to the pool.
+            # finishes the message next, and response_complete returns the connection to the pool.
             return
         self._h1 = None
         conn.detach()
         if self._req_done and self._h1_done:
-            self._pool.release(conn, self.stream.server._reactor.seconds())
+            self._pool.release(conn, self.stream.server.reactor.seconds())
         else:
             conn.abort()
 
@@ -919,31 +923,31 @@ class _H1Upstream:
         if conn is not None:
             self._h1 = None
             conn.detach()
-            self._pool.release(conn, self.stream.server._reactor.seconds())
+            self._pool.release(conn, self.stream.server.reactor.seconds())
 
     # -- the face of an Http1ServerProtocol (for Http1ClientProtocol) ----------------------------------------------
 
-    def _pause_reading(self, reason):
+    def pause_request(self, reason):
         self.blocked = True
 
-    def _resume_reading(self, reason):
+    def resume_request(self, reason):
         self.blocked = False
         waiting = self.waiting
         if waiting:
             self.waiting = set()
             for half in waiting:
                 half.pump()
-        self._flusher.flush()
+        self.flusher.flush()
 
-    def _flush_all(self):
-        self._flusher.flush()
+    def flush(self):
+        self.flusher.flush()
 
-    def _interim(self, status, reason, headers):
+    def interim(self, status, reason, headers):
         self.stream.up_info([(b":status", b"%d" % status)] + headers)
 
-    def _response_head(self, conn, status, reason, resp):
+    def response_head(self, conn, status, reason, resp):
         if status == 101:
-            self._upstream_failed(conn, Unreachable("upstream switched protocols unasked"))
+            self.upstream_failed(conn, Unreachable("upstream switched protocols unasked"))
             return False
         headers = [(b":status", b"%d" % status)]
         headers += resp.finish()
@@ -955,7 +959,7 @@ class _H1Upstream:
         self.stream.up_head(headers, ended)
         return True
 
-    def _response_body(self, data):
+    def response_body(self, data):
         if self._ended_at_head or not data:
             return
         self._held += len(data)
@@ -966,7 +970,7 @@ class _H1Upstream:
             if conn is not None:
                 conn.pause_reading()
 
-    def _response_end(self, trailers):
+    def response_end(self, trailers):
         self._resp_ended = True
         if self._ended_at_head:
             return
@@ -975,7 +979,7 @@ class _H1Upstream:
         else:
             self.stream.up_end()
 
-    def _after_response(self, conn):
+    def response_complete(self, conn):
         # The HTTP/1 response is complete.
         if conn is not self._h1:
             return
@@ -992,9 +996,9 @@ class _H1Upstream:
         # when the stream completes) and the peer is asked to stop sending, as an HTTP/2 upstream would.
         stream = self.stream
         stream.req.drop()
-        stream._half_closed()
+        stream.half_closed()
 
-    def _upstream_lost(self, conn, got_bytes):
+    def upstream_lost(self, conn, got_bytes):
         if conn is not self._h1:
             return
         self._h1 = None
@@ -1007,15 +1011,15 @@ class _H1Upstream:
         else:
             stream.up_gone(None, "upstream closed the connection before responding" if not stream.head
                            else "upstream closed the connection mid-response")
-        self._flusher.flush()
+        self.flusher.flush()
 
-    def _upstream_failed(self, conn, error):
+    def upstream_failed(self, conn, error):
         if conn is self._h1:
             self._h1 = None
             conn.detach()
         conn.abort()
         self.stream.up_gone(None, error.reason)
-        self._flusher.flush()
+        self.flusher.flush()
 
-    def _switch(self, conn, rest):
-        self._upstream_failed(conn, Unreachable("upstream switched protocols unasked"))
+    def switch_protocols(self, conn, rest):
+        self.upstream_failed(conn, Unreachable("upstream switched protocols unasked"))

@@ -1,5 +1,8 @@
 """
-The inbound path, assembled top to bottom: accept → detect → (HTTP or opaque) → the local app.
+The inbound path, assembled top to bottom:
+
+    accept → detect → (mTLS: terminate → transport header) → authorize ─ HTTP ─▶ timeout → balance (the app)
+                                                                      └ TCP ──▶ the app
 """
 
 from dataclasses import replace
@@ -7,6 +10,7 @@ from dataclasses import replace
 from linkproxy.core.detect import Protocol
 from linkproxy.core.endpoint import Endpoint
 from linkproxy.core.policy import requires_client_cert
+from linkproxy.layers.stack import RequestStack
 from linkproxy.net.context import PLAIN
 from linkproxy.net.l7 import http_layer
 from linkproxy.net.authz import AuthorizingRouter, authz_metrics
@@ -55,7 +59,9 @@ def build_inbound(runtime):
     config, metrics, reactor = runtime.config, runtime.metrics, runtime.reactor
     app = Endpoint(address=app_address(config.app))
     app_router = FixedRouter(app)
-    settings, http = http_layer(runtime, DIRECTION, app_router)
+    # No profiles inbound: route and split have nothing to do, and the app is the one endpoint (one attempt).
+    stack = RequestStack(DIRECTION, app_router, metrics, config.response_timeout)
+    settings, http = http_layer(runtime, DIRECTION, stack)
     authz = authz_metrics(metrics)
     local_ports = _LocalPorts(app, app_router)
     mesh = None

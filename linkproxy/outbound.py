@@ -1,5 +1,8 @@
 """
-The outbound path, assembled top to bottom: accept → detect → target → discover/balance → connect.
+The outbound path, assembled top to bottom:
+
+    accept → detect ─ HTTP ─▶ route → split → timeout → retry → balance → endpoint   (per request)
+                    └ TCP ──▶ balance → connect                                      (per connection)
 
 The main listener serves HTTP (the target is the request's authority) and transparently redirected TCP (the
 target is the connection's original destination). Each configured TCP route is its own listener with a fixed
@@ -10,6 +13,7 @@ import socket
 import struct
 
 from linkproxy.core.endpoint import format_address
+from linkproxy.layers.stack import RequestStack
 from linkproxy.net.context import PLAIN
 from linkproxy.net.l7 import http_layer
 from linkproxy.net.sniff import SniffingProtocol
@@ -50,7 +54,9 @@ def build_outbound(runtime, router):
     @return: a callable taking the peer address and returning the protocol for the accepted connection.
     """
     config, metrics, reactor = runtime.config, runtime.metrics, runtime.reactor
-    settings, http = http_layer(runtime, DIRECTION, router)
+    # route (profiles) → split → timeout → retry → balance (router); the endpoint layer is the settings' pools.
+    stack = RequestStack(DIRECTION, router, metrics, config.response_timeout, profiles=runtime.profiles)
+    settings, http = http_layer(runtime, DIRECTION, stack)
 
     def on_detected(detection, transport):
         server = http.get(detection.protocol)

@@ -20,7 +20,7 @@ class EndpointLayer:
         h1 = Http1Pool(settings)
         if h2_upgrade:
             from linkproxy.net.orig_proto import UpgradingPool
-            h1 = UpgradingPool(h1, self)
+            h1 = UpgradingPool(h1, settings)
         self.h1 = h1
 
     @property
@@ -33,6 +33,10 @@ class EndpointLayer:
             from linkproxy.net.h2 import H2Pool
             pool = self._h2 = H2Pool(self._settings)
         return pool
+
+    @h2.setter
+    def h2(self, pool):
+        self._h2 = pool
 
     def close(self):
         """

@@ -22,8 +22,11 @@ class HttpSettings:
     @ivar pool_max_idle: idle client connections kept per endpoint.
     @ivar tracker: a L{linkproxy.net.tracker.ConnectionTracker}, or C{None}; server connections register with it
         so a drain can close them when idle.
-    @ivar h1_pool: the HTTP/1 client pool shared by this direction's connections (created by the HTTP/1 module).
-    @ivar h2_pool: the HTTP/2 client connections shared by this direction (created by the HTTP/2 module).
+    @ivar h1_pool: the HTTP/1 client pool shared by this direction's connections (from L{endpoints}).
+    @ivar h2_pool: the HTTP/2 client connections shared by this direction (from L{endpoints}, on first use).
+    @ivar h2_upgrade: carry HTTP/1 to meshed endpoints as HTTP/2 (C{--h2-upgrade}, outbound only).
+    @ivar endpoints: the direction's L{linkproxy.layers.endpoint.EndpointLayer}, the one owner of its pools;
+        built when not given, and shared by copies of the settings.
     @ivar dst_override: route by a request's C{l5d-dst-override} header when it has one (C{--dst-override},
         outbound only).
     @ivar profiles: the live L{linkproxy.discovery.profiles.Profiles}, or C{None}.
@@ -41,13 +44,32 @@ class HttpSettings:
     pool_idle_timeout: float = 3.0
     pool_max_idle: int = 256
     tracker: Optional[Any] = None
-    h1_pool: Optional[Any] = None
-    h2_pool: Optional[Any] = None
     dst_override: bool = False
+    h2_upgrade: bool = False
     profiles: Optional[Any] = None
     stack: Optional[Any] = None
+    endpoints: Optional[Any] = None
+
+    @property
+    def h1_pool(self):
+        return self.endpoints.h1
+
+    @h1_pool.setter
+    def h1_pool(self, pool):
+        self.endpoints.h1 = pool
+
+    @property
+    def h2_pool(self):
+        return self.endpoints.h2
+
+    @h2_pool.setter
+    def h2_pool(self, pool):
+        self.endpoints.h2 = pool
 
     def __post_init__(self):
+        if self.endpoints is None:
+            from linkproxy.layers.endpoint import EndpointLayer
+            self.endpoints = EndpointLayer(self, h2_upgrade=self.h2_upgrade)
         stack = self.stack
         if stack is None or stack.balance.router is not self.router:
             from linkproxy.layers.stack import RequestStack

@@ -936,15 +936,12 @@ class H2ServerProtocol(_H2Side):
 
     def __init__(self, settings, peer=PLAIN):
         """
-        @param settings: a L{linkproxy.net.context.HttpSettings}; its C{h2_pool} is created on first use.
+        @param settings: a L{linkproxy.net.context.HttpSettings}; streams go out through its C{h2_pool}.
         @param peer: the L{linkproxy.net.context.PeerInfo} of the accepted connection.
         """
         self.settings = settings
         self.peer = peer
-        pool = settings.h2_pool
-        if pool is None:
-            pool = settings.h2_pool = H2Pool(settings)
-        self._pool = pool
+        pool = self._pool = settings.h2_pool
         self.flusher = pool.flusher
         self.reactor = settings.reactor
         self._stack = settings.stack

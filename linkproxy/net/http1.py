@@ -99,15 +99,12 @@ class Http1ServerProtocol(Protocol):
 
     def __init__(self, settings, peer=PLAIN):
         """
-        @param settings: L{linkproxy.net.context.HttpSettings}; C{settings.h1_pool} is created if unset.
+        @param settings: L{linkproxy.net.context.HttpSettings}; requests go out through C{settings.h1_pool}.
         @param peer: what is known about the client; C{peer.client_id} becomes C{l5d-client-id}.
         """
         self.settings = settings
         self.peer = peer
-        pool = settings.h1_pool
-        if pool is None:
-            pool = settings.h1_pool = Http1Pool(settings)
-        self._pool = pool
+        self._pool = settings.h1_pool
         self._reactor = settings.reactor
         self._stack = settings.stack
         self._outbound = settings.direction == "outbound"

@@ -6,38 +6,32 @@ from linkproxy.core.detect import Protocol
 from linkproxy.net.context import HttpSettings
 
 
-def http_layer(runtime, direction, router):
+def http_layer(runtime, direction, stack):
     """
     Build the settings, client pools and server protocols for one direction's HTTP traffic.
 
     @param runtime: the L{linkproxy.runtime.Runtime}.
     @param direction: C{"inbound"} or C{"outbound"}.
-    @param router: the direction's L{linkproxy.interfaces.IRouter}.
+    @param stack: the direction's L{linkproxy.layers.stack.RequestStack} (its balance layer holds the router).
     @return: C{(settings, servers)} where C{servers} maps a detected L{Protocol} to a callable building the
         server protocol as C{server(settings, peer)}.
     """
-    from linkproxy.net.http1 import Http1Pool, Http1ServerProtocol
+    from linkproxy.net.http1 import Http1ServerProtocol
     config = runtime.config
     settings = HttpSettings(
-        direction=direction, router=router, connector=runtime.connector, metrics=runtime.metrics,
+        direction=direction, router=stack.balance.router, connector=runtime.connector, metrics=runtime.metrics,
         reactor=runtime.reactor, response_timeout=config.response_timeout,
         max_header_bytes=config.max_header_bytes, pool_idle_timeout=config.pool_idle_timeout,
         pool_max_idle=config.pool_max_idle, tracker=runtime.tracker,
         dst_override=config.dst_override and direction == "outbound",
-        profiles=runtime.profiles if direction == "outbound" else None)
-    settings.h1_pool = Http1Pool(settings)
-    if direction == "outbound" and config.h2_upgrade:
         # HTTP/1 to meshed endpoints goes to their proxy as HTTP/2 streams (l5d-orig-proto).
-        from linkproxy.net.orig_proto import UpgradingPool
-        settings.h1_pool = UpgradingPool(settings.h1_pool, settings)
+        h2_upgrade=config.h2_upgrade and direction == "outbound",
+        profiles=stack.profiles, stack=stack)
 
     def h2_server(conn_settings, peer):
         # h2 is imported with the first HTTP/2 client: a sidecar that never sees one keeps ~1.5 MiB.
-        from linkproxy.net.h2 import H2Pool, H2ServerProtocol
-        if settings.h2_pool is None:
-            settings.h2_pool = H2Pool(settings)
-        # Per-connection copies of the settings (inbound authorization) share the direction's pool.
-        conn_settings.h2_pool = settings.h2_pool
+        from linkproxy.net.h2 import H2ServerProtocol
+        # Per-connection copies of the settings (inbound authorization) share the direction's pools.
         server = H2ServerProtocol(conn_settings, peer)
         if direction == "inbound" and peer.tls == "true":
             # Streams marked l5d-orig-proto by a peer proxy go to the app as HTTP/1 (trusted from meshed peers only).

@@ -207,11 +207,7 @@ class UpgradingPool:
         return endpoint.meshed and getattr(self._settings.connector, "meshed", None) is not None
 
     def _h2_pool(self):
-        pool = self._settings.h2_pool
-        if pool is None:
-            from linkproxy.net.h2 import H2Pool
-            pool = self._settings.h2_pool = H2Pool(self._settings)
-        return pool
+        return self._settings.h2_pool
 
     def checkout(self, endpoint, now):
         """
@@ -710,9 +706,6 @@ class Http1Stream(Stream):
     def dispatch(self, endpoint):
         server = self.server
         pool = server.settings.h1_pool
-        if pool is None:
-            from linkproxy.net.http1 import Http1Pool
-            pool = server.settings.h1_pool = Http1Pool(server.settings)
         up = _H1Upstream(self, pool, endpoint)
         conn = pool.checkout(endpoint, server.reactor.seconds())
         if conn is not None:

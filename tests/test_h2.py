@@ -253,14 +253,14 @@ class Harness:
     """
 
     def __init__(self, mode="respond", routes=None, default=BACKEND, peer=None, auto_ack=True,
-                 client_auto_ack=True, tracker=None):
+                 client_auto_ack=True, tracker=None, profiles=None):
         self.clock = Clock()
         self.metrics = Metrics(process=False)
         self.router = FakeRouter(routes, default=default)
         self.connector = MemoryConnector(self.clock, mode, auto_ack)
         self.settings = HttpSettings(direction="outbound", router=self.router, connector=self.connector,
                                      metrics=self.metrics, reactor=self.clock, response_timeout=10.0,
-                                     pool_idle_timeout=3.0, tracker=tracker)
+                                     pool_idle_timeout=3.0, tracker=tracker, profiles=profiles)
         self.settings.h2_pool = H2Pool(self.settings)
         self.proxy = H2ServerProtocol(self.settings, peer or PeerInfo())
         self.client = Client(client_auto_ack)

@@ -283,3 +283,88 @@ class PoolKeyTests(SynchronousTestCase):
             self.assertEqual(written.count(b"GET / HTTP/1.1"), 3)
         self.assertEqual({c[0].pool_key for c in connector.connects},
                          {(A, meshed.identity, meshed.proxy), (A, None, None)})
+
+
+class H2RetryTests(SynchronousTestCase):
+    """
+    HTTP/2 streams through the layers: a failed attempt is sent again on a new upstream stream, body and all,
+    without acknowledging the replayed bytes to the client twice.
+    """
+
+    def profiles(self):
+        from tests.test_h2 import AUTHORITY
+        return Profiles(parse_profiles({AUTHORITY: {"routes": [{"name": "all", "retryable": True}]}}))
+
+    def test_reset_get_retried(self):
+        """
+        An upstream RST_STREAM before the head of a GET: the GET goes again (avoiding the endpoint that
+        failed), and the client gets the second attempt's answer.
+        """
+        from h2.errors import ErrorCodes
+        from tests.test_h2 import BACKEND, Harness
+        h = Harness(mode="hold")
+        h.pump()
+        sid = h.client.request()
+        h.pump()
+        backend = h.connector.backends[0]
+        backend.conn.reset_stream(1, ErrorCodes.INTERNAL_ERROR)
+        backend.flush()
+        backend.mode = "respond"
+        h.pump()
+        self.assertEqual(sorted(backend.streams), [1, 3])
+        self.assertEqual(h.client.streams[sid].data, b"hello")
+        self.assertEqual([lease.outcomes for lease in h.router.leases], [[False], [True]])
+        self.assertEqual(h.router.avoided, [None, Endpoint(address=BACKEND)])
+        h.assert_clean(self)
+
+    def test_retryable_503_replays_body(self):
+        """
+        On a retryable route, a 503 to a POST is dropped and the POST, its 20 kB body included, is sent again;
+        each byte of it is acknowledged to the client once, not once per attempt.
+        """
+        from tests.test_h2 import Harness
+        h = Harness(mode="hold", profiles=self.profiles())
+        h.pump()
+        acked = []
+        acknowledge = h.proxy.conn.acknowledge_received_data
+
+        def record(n, stream_id):
+            acked.append(n)
+            return acknowledge(n, stream_id)
+
+        h.proxy.conn.acknowledge_received_data = record
+        body = bytes(range(256)) * 80
+        sid = h.client.request(method=b"POST", body=body)
+        h.pump()
+        backend = h.connector.backends[0]
+        self.assertEqual(backend.streams[1].data, body)
+        backend.mode = "echo"
+        backend.conn.send_headers(1, [(b":status", b"503")], end_stream=True)
+        backend.flush()
+        h.pump()
+        self.assertEqual(sorted(backend.streams), [1, 3])
+        self.assertEqual(backend.streams[3].echoed, len(body))
+        self.assertEqual(h.client.streams[sid].headers[b":status"], b"200")
+        self.assertEqual(h.client.streams[sid].data, body)
+        self.assertEqual(h.router.leases[0].outcomes, [False])
+        self.assertEqual(sum(acked), len(body))
+        h.assert_clean(self)
+
+    def test_grpc_unavailable_trailers_only_retried(self):
+        """
+        A trailers-only gRPC UNAVAILABLE on a retryable route is retried; an OK answer reaches the client.
+        """
+        from tests.test_h2 import Harness
+        h = Harness(mode="hold", profiles=self.profiles())
+        h.pump()
+        sid = h.client.request(method=b"POST", extra=[("content-type", "application/grpc")], body=b"\0\0\0\0\0")
+        h.pump()
+        backend = h.connector.backends[0]
+        backend.mode = "echo"
+        backend.conn.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                                      (b"grpc-status", b"14")], end_stream=True)
+        backend.flush()
+        h.pump()
+        self.assertEqual(sorted(backend.streams), [1, 3])
+        self.assertEqual(h.client.streams[sid].trailers.get(b"grpc-status"), b"0")
+        h.assert_clean(self)

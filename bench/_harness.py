@@ -817,8 +817,11 @@ def common_args(description, default_duration=10, default_latency_duration=5):
     return ap
 
 
+_PER_ROUND = ("rps", "cpu_us_per_req", "p50_us", "p99_us")  # also kept round by round, as <key>_per_round
+
+
 def _median_results(results):
-    """Median over rounds of every numeric field; errors are summed."""
+    """Median over rounds of every numeric field; errors are summed; L{_PER_ROUND} fields also kept as lists."""
     if len(results) == 1:
         return dict(results[0])
     out = {}
@@ -830,6 +833,8 @@ def _median_results(results):
             out[k] = statistics.median(vals)
         else:
             out[k] = vals[-1]
+        if k in _PER_ROUND:
+            out[f"{k}_per_round"] = vals
     out["rounds"] = len(results)
     return out
 
@@ -980,8 +985,9 @@ def report_baseline(targets, results, args):
     With C{--baseline}: print every target next to its C{@base} twin, measured in the same rounds.
 
     @return: C{{name: {...}}} for every current target that has a measured twin: both sides' medians of req/s,
-        CPU us per request, c=1 p50/p99 and RSS after the load, the req/s ratio and the CPU change (a
-        fraction: +0.03 is 3% more CPU per request than the baseline); C{{}} without C{--baseline}.
+        CPU us per request (and its value in each round), c=1 p50/p99 and RSS after the load, the req/s ratio
+        and the CPU change (a fraction: +0.03 is 3% more CPU per request than the baseline); C{{}} without
+        C{--baseline}.
     """
     if not getattr(args, "baseline", None):
         return {}
@@ -998,6 +1004,8 @@ def report_baseline(targets, results, args):
             "p50_us": cur.get("p50_us"), "p50_us_base": old.get("p50_us"),
             "p99_us": cur.get("p99_us"), "p99_us_base": old.get("p99_us"),
             "rss_after_kib": _rss_after_kib(cur), "rss_after_kib_base": _rss_after_kib(old),
+            "cpu_us_per_req_per_round": cur.get("cpu_us_per_req_per_round"),
+            "cpu_us_per_req_base_per_round": old.get("cpu_us_per_req_per_round"),
         }
         cpu_ratio = ratio(c["cpu_us_per_req"], c["cpu_us_per_req_base"])
         c["cpu_change"] = None if cpu_ratio is None else cpu_ratio - 1

@@ -119,20 +119,34 @@ class Http1Tests(SynchronousTestCase):
         Opaque is decided at the first byte that rules out a request line.
         """
         cases = [
-            b"\x00", b" ", b"\r", b"{", b"GET\t", b"GET  ", b"GET /\x00", b"GET / HTTP/2", b"GET / HTTP/1.2",
-            b"GET / h", b"GET / HTTP/1.1\r\r", b"GET / HTTP/1.1 ", b"\x16\x02", b"\x16\x03\x05",
+            b"\x00", b" ", b"\r", b"{", b"GET\t", b"FOO  ", b"FOO /\x00", b"FOO / HTTP/2", b"FOO / HTTP/1.2",
+            b"FOO / h", b"FOO / HTTP/1.1\r\r", b"FOO / HTTP/1.1 ", b"\x16\x02", b"\x16\x03\x05",
         ]
         for data in cases:
             self.assertEqual(detect(data), OPAQUE, data)
             self.assertIsNone(detect(data[:-1]) if len(data) > 1 else None, data)
 
+    def test_malformed_line_with_http_method(self):
+        """
+        A request line that starts with a standard HTTP method and a space but goes wrong later (a NUL or a
+        control byte in the target, a bad version) is HTTP/1, decided at the byte that breaks it: the HTTP/1
+        server answers 400 rather than the bytes passing to the app as opaque TCP.
+        """
+        for data in (b"GET  ", b"GET /\x00", b"GET / HTTP/2", b"GET / HTTP/1.2", b"POST / h",
+                     b"GET / HTTP/1.1\r\r", b"PUT / HTTP/1.1 "):
+            self.assertEqual(detect(data), HTTP1, data)
+            self.assertIsNone(detect(data[:-1]), data)
+
     def test_bad_lines(self):
         """
-        Lines that have the right shape but are not HTTP/1.x requests are opaque.
+        Lines that have the right shape but are not HTTP/1.x requests are opaque, unless they start with a
+        standard HTTP method (then they are malformed HTTP/1, answered 400).
         """
-        for line in (b"GET /\r\n", b"GET / HTTP/1.1 extra\r\n", b"SSH-2.0-OpenSSH_9.2\r\n",
-                     b"HELLO\r\n", b"GET / FTP/1.0\r\n"):
+        for line in (b"FOO /\r\n", b"FOO / HTTP/1.1 extra\r\n", b"SSH-2.0-OpenSSH_9.2\r\n",
+                     b"HELLO\r\n", b"FOO / FTP/1.0\r\n"):
             self.assertEqual(detect(line), OPAQUE, line)
+        for line in (b"GET /\r\n", b"GET / HTTP/1.1 extra\r\n", b"GET / FTP/1.0\r\n"):
+            self.assertEqual(detect(line), HTTP1, line)
 
     def test_long_request_line(self):
         """

@@ -159,14 +159,15 @@ class SmugglingTests(TestCase):
             self.assertEqual(self.proxy.metric("request_total", direction=direction), len(HTTP_VECTORS),
                              direction)
 
-    def test_nul_in_request_line_is_opaque(self):
+    def test_nul_in_method_is_opaque(self):
         """
-        A NUL in the request line: detection finds no HTTP/1 request line, so the connection is opaque TCP,
-        never parsed or framed by the proxy. Outbound there is no target for it and it is closed with
+        A NUL in the method: detection finds no HTTP/1 request line (nothing that starts like one), so the
+        connection is opaque TCP, never parsed or framed by the proxy. (A NUL later in a line that starts with
+        an HTTP method is HTTP/1 and gets its 400 above.) Outbound there is no target for it and it is closed with
         nothing sent; inbound the bytes reach the app as they were sent (as without a proxy), and the
         app's strict parser finds no request in them.
         """
-        self.assertEqual(len(OPAQUE_VECTORS), 3)
+        self.assertEqual([name for name, _, _ in OPAQUE_VECTORS], ["nul-method (llhttp)"])
         for name, raw, _ in OPAQUE_VECTORS:
             answer = exchange(self.proxy.ports["outbound"], self.aimed(raw))
             self.assertEqual(answer, b"", name)
@@ -182,7 +183,7 @@ class SmugglingTests(TestCase):
                 self.assertEqual(read_until_closed(s), b"", name)
         self.assertEqual(self.backend.received, sent)
         self.assertEqual(self.backend.requests, [])
-        self.assertEqual(len(self.backend.errors), 3)
+        self.assertEqual(len(self.backend.errors), 1)
         self.assertIsNone(self.proxy.metric("request_total", direction="inbound"))
 
     def test_accepted_chunked_is_one_request_each(self):

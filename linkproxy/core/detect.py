@@ -37,6 +37,11 @@ _TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]*")
 # RFC 9112 section 2.2 lets a recipient accept a bare LF as the line end; curl-less tools (nc, telnet
 # scripts) send one, and httptools accepts it downstream.
 _VERSIONS = (b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", b"HTTP/1.1\n", b"HTTP/1.0\n")
+# A request line that starts with one of these methods and a space is HTTP/1 even when the rest is malformed
+# (a NUL or a control byte in the target, a bad version): the HTTP/1 server answers it 400, where treating it
+# as opaque would pass a smuggling attempt on to the app byte for byte.
+_HTTP_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE",
+                           b"CONNECT"})
 
 
 class Protocol(str, enum.Enum):
@@ -92,7 +97,7 @@ def _http1_request_line(data: bytes) -> Optional[bool]:
     if target_end == end:
         return None
     if target_end == target_start or data[target_end] != 0x20:
-        return False
+        return data[:method_end] in _HTTP_METHODS
     rest = data[target_end + 1:target_end + 1 + len(_VERSIONS[0])]
     for version in _VERSIONS:
         if rest.startswith(version):
@@ -100,7 +105,7 @@ def _http1_request_line(data: bytes) -> Optional[bool]:
     for version in _VERSIONS:
         if version.startswith(rest):
             return None
-    return False
+    return data[:method_end] in _HTTP_METHODS
 
 
 def _decide(data: bytes) -> Optional[Detection]:

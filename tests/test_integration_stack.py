@@ -225,6 +225,9 @@ class RetryTests(_StackMixin, TestCase):
         retries = proxy.metric("route_retry_requests_total", rt_route="flaky") or 0
         self.assertGreater(retries, 10)
         self.assertEqual(proxy.metric("route_request_total", rt_route="flaky"), 400)
+        self.assertEqual(proxy.metric("route_actual_request_total", rt_route="flaky"), 400 + retries)
+        self.assertEqual(proxy.metric("route_actual_response_total", rt_route="flaky"), 400 + retries)
+        self.assertEqual(proxy.metric("route_response_total", rt_route="flaky", classification="success"), ok)
         self.assertEqual(backend.requests(), 400 + retries)
 
     def test_failing_endpoint_no_retry_storm(self):

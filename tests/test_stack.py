@@ -216,6 +216,15 @@ class Http1RetryTests(SynchronousTestCase):
         h.up().dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(h.responses()[0][:3:2], (200, b"ok"))
         self.assertEqual([lease.outcomes for lease in h.router.leases], [[False], [True]])
+        # One request, two attempts, two answers (the dropped 503 among them), one response to the client.
+        route = {"rt_route": "post"}
+        self.assertEqual(sample(h.settings, "route_request_total", **route), 1)
+        self.assertEqual(sample(h.settings, "route_actual_request_total", **route), 2)
+        self.assertEqual(sample(h.settings, "route_actual_response_total", status_code="503", **route), 1)
+        self.assertEqual(sample(h.settings, "route_actual_response_total", status_code="200", **route), 1)
+        self.assertEqual(sample(h.settings, "route_response_total", **route), 1)
+        self.assertEqual(sample(h.settings, "route_response_total", status_code="200", **route), 1)
+        self.assertEqual(sample(h.settings, "route_retry_requests_total", **route), 1)
 
     def test_proxy_rejection_never_blames(self):
         """

@@ -674,11 +674,10 @@ class Stream:
         failed = is_failure(status, grpc)
         if failed:
             call = self.call
-            if call.route.retryable and self.req.ended:
-                now = server.reactor.seconds()
-                call.answered(status, grpc, (now - self.started) * 1000.0)
-                if self._again(RESPONSE):
-                    return
+            if call.route.retryable and self.req.ended and self._again(RESPONSE):
+                # The dropped answer still counts among the route's actual responses.
+                call.answered(status, grpc, (server.reactor.seconds() - self.started) * 1000.0)
+                return
         self._cancel_timer()
         self._head_at(server.reactor.seconds())
         if failed or not self.grpc or ended:

@@ -703,15 +703,16 @@ class Http1ServerProtocol(Protocol):
         now = self._reactor.seconds()
         if status >= 500 and is_failure(status, resp.grpc_status):
             call = self._call
-            if call.route.retryable and self._req_complete and self._replay is not None and not self._is_upgrade:
+            if (call.route.retryable and self._req_complete and self._replay is not None and not self._is_upgrade
+                    and self._may_retry(RESPONSE, conn.endpoint, True)):
+                # This answer is dropped (it still counts among the route's actual responses); the connection
+                # is mid-message, so it goes too.
                 call.answered(status, resp.grpc_status, (now - self._t0) * 1000.0)
-                if self._may_retry(RESPONSE, conn.endpoint, True):
-                    # This answer is dropped: the connection is mid-message, so it goes too.
-                    self._up = None
-                    conn.detach()
-                    conn.abort()
-                    self._next_attempt(True)
-                    return False
+                self._up = None
+                conn.detach()
+                conn.abort()
+                self._next_attempt(True)
+                return False
             self._release(False)
         else:
             self._release(True)

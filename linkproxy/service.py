@@ -219,6 +219,7 @@ def make_proxy_service(config, reactor, log_level=None):
     from twisted.web.server import Site
 
     from linkproxy.admin.app import AdminApp
+    from linkproxy.admin.dashboard import Dashboard
     from linkproxy.admin.loglevel import LogLevelControl
     from linkproxy.admin.metrics import Metrics
     from linkproxy.balancers import find_balancer
@@ -260,7 +261,8 @@ def make_proxy_service(config, reactor, log_level=None):
     service.add_listener(listener("inbound", config.inbound, build_inbound(runtime)))
 
     admin = AdminApp(metrics=runtime.metrics, readiness=service.readiness, config_dump=config.redacted,
-                     log_level=runtime.log_level, shutdown=service.shutdown, reactor=reactor)
+                     log_level=runtime.log_level, shutdown=service.shutdown, reactor=reactor,
+                     dashboard=Dashboard(metrics, routers=[outbound_router], identity=identity, reactor=reactor))
     site = Site(admin.app.resource())
     site.noisy = False
     # Scrapes every few seconds would otherwise fill the log with access lines.

@@ -12,6 +12,7 @@ Routes:
     - C{GET /env.json}: the (already redacted) effective configuration.
     - C{GET /proxy-log-level}, C{PUT /proxy-log-level}: read or change the runtime log level.
     - C{POST /shutdown}: from a loopback (or UNIX socket) client only, start a graceful drain and exit.
+    - C{GET /dashboard} and below: the live dashboard (L{linkproxy.admin.dashboard}).
 """
 
 import ipaddress
@@ -84,7 +85,7 @@ class AdminApp:
     app = Klein()
     log = Logger(namespace="linkproxy.admin")
 
-    def __init__(self, *, metrics, readiness, config_dump, log_level, shutdown, reactor):
+    def __init__(self, *, metrics, readiness, config_dump, log_level, shutdown, reactor, dashboard=None):
         """
         @param metrics: the L{linkproxy.admin.metrics.Metrics} whose C{registry} C{/metrics} renders.
         @param readiness: zero-argument callable returning a L{list} of L{str}, each naming something not
@@ -94,6 +95,8 @@ class AdminApp:
         @param shutdown: zero-argument callable that starts a graceful drain and exit; called at most once,
             after the C{/shutdown} response has been finished.
         @param reactor: an L{IReactorTime} used to call C{shutdown} outside the request.
+        @param dashboard: the L{linkproxy.admin.dashboard.Dashboard} served under C{/dashboard}; when C{None},
+            one that shows C{metrics} only (no balancers, no identity).
         """
         self._metrics = metrics
         self._readiness = readiness
@@ -102,6 +105,10 @@ class AdminApp:
         self._shutdown = shutdown
         self._reactor = reactor
         self._shutdown_requested = False
+        if dashboard is None:
+            from linkproxy.admin.dashboard import Dashboard
+            dashboard = Dashboard(metrics, reactor=reactor)
+        self._dashboard = dashboard
 
     @app.route("/live", methods=["GET"])
     def live(self, request):
@@ -167,6 +174,11 @@ class AdminApp:
             # stack before draining, so the caller always gets its 202 rather than a reset connection.
             request.notifyFinish().addBoth(lambda _: self._reactor.callLater(0, self._shutdown))
         return _text(request, 202, "shutdown\n")
+
+    @app.route("/dashboard", branch=True, methods=["GET"])
+    def dashboard(self, request):
+        """The live dashboard: the page, its assets and C{/dashboard/state.json}."""
+        return self._dashboard.resource()
 
     @app.handle_errors(NotFound)
     def not_found(self, request, failure):

@@ -234,7 +234,7 @@
     points.forEach(function (p) { ["p50", "p95", "p99"].forEach(function (k) { if (p[k] > maxY) maxY = p[k]; }); });
     maxY = niceMax(maxY);
     var now = points.length ? points[points.length - 1].t : 0;
-    var span = Math.max(60, points.length ? now - points[0].t : 60);
+    var span = Math.max(30, points.length ? now - points[0].t : 30);
 
     ctx.font = "11px system-ui, sans-serif";
     ctx.fillStyle = "#8a94a6";
@@ -244,10 +244,11 @@
       var y = top + h - (h * i) / 4;
       ctx.beginPath(); ctx.moveTo(left, y + 0.5); ctx.lineTo(left + w, y + 0.5); ctx.stroke();
       ctx.textAlign = "right"; ctx.textBaseline = "middle";
-      ctx.fillText(fmtMs((maxY * i) / 4) + " ms", left - 6, y);
+      var tick = (maxY * i) / 4;
+      ctx.fillText((maxY >= 4 ? tick.toFixed(tick % 1 ? 1 : 0) : fmtMs(tick)) + " ms", left - 6, y);
     }
     ctx.textAlign = "center"; ctx.textBaseline = "top";
-    for (var s = 0; s <= span; s += span > 120 ? 60 : 15) {
+    for (var s = 0; s <= span; s += span > 120 ? 60 : span > 60 ? 15 : 10) {
       var x = left + w - (w * s) / span;
       ctx.fillText(s ? "-" + s + " s" : "now", x, top + h + 6);
     }

@@ -709,7 +709,7 @@ class Http1ServerProtocol(Protocol):
 
     def response_head(self, conn, status, reason, resp):
         now = self._reactor.seconds()
-        if status >= 500 and is_failure(status, resp.grpc_status):
+        if (status >= 500 or resp.grpc_status) and is_failure(status, resp.grpc_status):
             call = self._call
             if (call.route.retryable and self._req_complete and self._replay is not None and not self._is_upgrade
                     and self._may_retry(RESPONSE, conn.endpoint, True, status)):

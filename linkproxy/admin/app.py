@@ -12,6 +12,7 @@ Routes:
     - C{GET /env.json}: the (already redacted) effective configuration.
     - C{GET /proxy-log-level}, C{PUT /proxy-log-level}: read or change the runtime log level.
     - C{POST /shutdown}: from a loopback (or UNIX socket) client only, start a graceful drain and exit.
+    - C{GET /tap}: from a loopback client only, finished requests as server-sent events (L{linkproxy.admin.tap}).
     - C{GET /dashboard} and below: the live dashboard (L{linkproxy.admin.dashboard}).
 """
 
@@ -85,7 +86,8 @@ class AdminApp:
     app = Klein()
     log = Logger(namespace="linkproxy.admin")
 
-    def __init__(self, *, metrics, readiness, config_dump, log_level, shutdown, reactor, dashboard=None):
+    def __init__(self, *, metrics, readiness, config_dump, log_level, shutdown, reactor, tap=None,
+                 dashboard=None):
         """
         @param metrics: the L{linkproxy.admin.metrics.Metrics} whose C{registry} C{/metrics} renders.
         @param readiness: zero-argument callable returning a L{list} of L{str}, each naming something not
@@ -95,6 +97,7 @@ class AdminApp:
         @param shutdown: zero-argument callable that starts a graceful drain and exit; called at most once,
             after the C{/shutdown} response has been finished.
         @param reactor: an L{IReactorTime} used to call C{shutdown} outside the request.
+        @param tap: the process's L{linkproxy.layers.tap.TapLayer}, or C{None} (then C{/tap} is 404).
         @param dashboard: the L{linkproxy.admin.dashboard.Dashboard} served under C{/dashboard}; when C{None},
             one that shows C{metrics} only (no balancers, no identity).
         """
@@ -105,6 +108,7 @@ class AdminApp:
         self._shutdown = shutdown
         self._reactor = reactor
         self._shutdown_requested = False
+        self._tap = tap
         if dashboard is None:
             from linkproxy.admin.dashboard import Dashboard
             dashboard = Dashboard(metrics, reactor=reactor)
@@ -174,6 +178,25 @@ class AdminApp:
             # stack before draining, so the caller always gets its 202 rather than a reset connection.
             request.notifyFinish().addBoth(lambda _: self._reactor.callLater(0, self._shutdown))
         return _text(request, 202, "shutdown\n")
+
+    @app.route("/tap", methods=["GET"])
+    def tap(self, request):
+        """Finished requests as server-sent events, for local clients only (see L{linkproxy.admin.tap})."""
+        from linkproxy.admin.tap import TapFilterError, TapStream, parse_filters
+
+        if not is_local_client(request.getClientAddress()):
+            return _text(request, 403, "tap is only served to localhost\n")
+        if self._tap is None:
+            return _text(request, 404, "not found\n")
+        try:
+            filters, limit = parse_filters(request.args)
+        except TapFilterError as e:
+            return _text(request, 400, f"{e}\n")
+        stream = TapStream(request, self._tap, self._reactor, filters, limit)
+        if not stream.start():
+            return _text(request, 429, "too many tap subscribers; try again later\n")
+        # Klein finishes the response when this fires (at the limit) and cancels it if the client goes away.
+        return stream.finished
 
     @app.route("/dashboard", branch=True, methods=["GET"])
     def dashboard(self, request):

@@ -61,7 +61,7 @@
 
   function setPill(node, state, text) {
     node.dataset.state = state;
-    node.className = "pill pill-" + ({live: "ok", paused: "wait", connecting: "wait"}[state] || "bad");
+    node.className = "pill pill-" + ({live: "ok", paused: "wait", connecting: "wait", reconnecting: "wait"}[state] || "bad");
     node.textContent = text;
   }
 
@@ -368,8 +368,14 @@
     source.onmessage = function (event) {
       var data;
       try { data = JSON.parse(event.data); } catch (e) { return; }
-      addTapRow(data);
+      queueTapRow(data);
     };
+    // The proxy drops events for a subscriber that reads too slowly, and says how many in total.
+    source.addEventListener("lost", function (event) {
+      var data;
+      try { data = JSON.parse(event.data); } catch (e) { return; }
+      setPill($("tap-status"), "live", "live \u2013 " + data.lost + " events lost (too slow)");
+    });
     source.onerror = function () {
       if (source !== tap) return;
       if (source.readyState === EventSource.CONNECTING) {
@@ -381,15 +387,22 @@
       tap = null;
       var delay = BACKOFF_MS[Math.min(tapRetry, BACKOFF_MS.length - 1)] * 2;
       tapRetry += 1;
-      probeTap(url).then(function (status) {
+      probeTap(url).then(function (answer) {
+        var status = answer.status;
         if (status === 404) {
           setPill($("tap-status"), "unavailable", "tap unavailable (this proxy has no /tap)");
         } else if (status === 403) {
-          setPill($("tap-status"), "unavailable", "tap refused (403)");
+          setPill($("tap-status"), "unavailable", "tap refused: " + (answer.text || "403"));
+        } else if (status === 400) {
+          // A filter the proxy does not take: wait for the user to change it.
+          setPill($("tap-status"), "invalid", "bad filter: " + (answer.text || "400"));
+          return;
+        } else if (status === 429) {
+          setPill($("tap-status"), "reconnecting", "tap busy (too many watchers), retrying");
         } else {
           setPill($("tap-status"), "reconnecting", "reconnecting" + (status ? " (HTTP " + status + ")" : ""));
         }
-        if (!tapPaused) tapTimer = setTimeout(openTap, status === 404 ? Math.max(delay, 10000) : delay);
+        if (!tapPaused) tapTimer = setTimeout(openTap, status === 404 || status === 403 ? 10000 : delay);
       });
     };
   }
@@ -399,11 +412,18 @@
     var timer = setTimeout(function () { controller.abort(); }, FETCH_TIMEOUT_MS);
     return fetch(url, {cache: "no-store", signal: controller.signal})
       .then(function (response) {
-        clearTimeout(timer);
-        controller.abort();
-        return response.status;
+        if (response.ok) {
+          // An event stream after all (the error was transient): do not wait for its events.
+          clearTimeout(timer);
+          controller.abort();
+          return {status: response.status, text: ""};
+        }
+        return response.text().then(function (text) {
+          clearTimeout(timer);
+          return {status: response.status, text: text.trim().slice(0, 200)};
+        });
       })
-      .catch(function () { clearTimeout(timer); return null; });
+      .catch(function () { clearTimeout(timer); return {status: null, text: ""}; });
   }
 
   function cell(tr, value, cls, field) {
@@ -411,12 +431,33 @@
                       value === null || value === undefined || value === "" ? "" : value));
   }
 
+  // Events are drawn in batches, a few times a second, so that a busy proxy costs the page at most one
+  // table's worth of rows per batch.
+  var tapPending = [];
+  var tapFlush = null;
+  var TAP_FLUSH_MS = 200;
+
+  function queueTapRow(ev) {
+    tapPending.push(ev);
+    if (tapPending.length > TAP_ROWS) tapPending.splice(0, tapPending.length - TAP_ROWS);
+    if (!tapFlush) {
+      tapFlush = setTimeout(function () {
+        tapFlush = null;
+        var batch = tapPending;
+        tapPending = [];
+        batch.forEach(addTapRow);
+      }, TAP_FLUSH_MS);
+    }
+  }
+
   function addTapRow(ev) {
     var body = $("tap").tBodies[0];
     var when = typeof ev.timestamp === "number" ? new Date(ev.timestamp * 1000) : new Date();
     var status = ev.status;
     var failed = (typeof status === "number" && status >= 500) || !!ev.error;
-    var tr = el("tr", {"class": failed ? "bad" : null});
+    // An attempt a retry replaced: shown, dimmed, with the retry noted in the error column.
+    var dropped = ev.final === false;
+    var tr = el("tr", {"class": dropped ? "dropped" : failed ? "bad" : null});
     cell(tr, when.toLocaleTimeString(), "muted");
     cell(tr, ev.direction, null, "direction");
     cell(tr, ev.method, null, "method");
@@ -432,7 +473,8 @@
     cell(tr, ev.request_bytes, "num");
     cell(tr, ev.response_bytes, "num");
     cell(tr, ev.route);
-    cell(tr, ev.error, "small");
+    cell(tr, dropped ? "attempt " + ev.attempt + " retried" + (ev.error ? ": " + ev.error : "") : ev.error,
+         "small");
     body.insertBefore(tr, body.firstChild);
     while (body.rows.length > TAP_ROWS) body.deleteRow(body.rows.length - 1);
   }
@@ -457,7 +499,10 @@
         openTap();
       }
     });
-    $("tap-clear").addEventListener("click", function () { $("tap").tBodies[0].textContent = ""; });
+    $("tap-clear").addEventListener("click", function () {
+      tapPending = [];
+      $("tap").tBodies[0].textContent = "";
+    });
     drawChart();
     poll();
     openTap();

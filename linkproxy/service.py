@@ -202,7 +202,7 @@ class ProxyService(MultiService):
             if timer.active():
                 timer.cancel()
         log.info("drain finished after {seconds:.1f} s ({aborted} connections aborted)",
-                 seconds=self._reactor.seconds() - started, aborted=aborted)
+                 seconds=round(self._reactor.seconds() - started, 3), aborted=aborted)
         others = [s for s in self if s not in self._listeners and s is not self._admin]
         yield DeferredList([maybeDeferred(s.stopService) for s in reversed(others)])
         if self._admin is not None:

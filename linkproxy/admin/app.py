@@ -93,7 +93,8 @@ class AdminKlein(Klein):
     A L{Klein} whose routes answer only local clients (L{is_local_client}), except the pairs in L{PUBLIC}.
 
     The check sits where Klein calls a matched route, so it covers every route of the app, including ones
-    added after this was written; unknown paths and wrong methods still get their 404 and 405.
+    added after this was written; unknown paths and wrong methods still get their 404 and 405. A refusal is
+    reported to the bound instance's C{_refused(endpoint, request)}, when it has one (L{AdminApp} logs it).
     """
 
     def execute_endpoint(self, endpoint, request, *args, **kwargs):

@@ -60,7 +60,7 @@ def build_inbound(runtime):
     app = Endpoint(address=app_address(config.app))
     app_router = FixedRouter(app)
     # No profiles inbound: route and split have nothing to do, and the app is the one endpoint (one attempt).
-    stack = RequestStack(DIRECTION, app_router, metrics, config.response_timeout)
+    stack = RequestStack(DIRECTION, app_router, metrics, config.response_timeout, tap=runtime.tap)
     settings, http = http_layer(runtime, DIRECTION, stack)
     authz = authz_metrics(metrics)
     local_ports = _LocalPorts(app, app_router)

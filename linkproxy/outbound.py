@@ -54,8 +54,10 @@ def build_outbound(runtime, router):
     @return: a callable taking the peer address and returning the protocol for the accepted connection.
     """
     config, metrics, reactor = runtime.config, runtime.metrics, runtime.reactor
-    # route (profiles) → split → timeout → retry → balance (router); the endpoint layer is the settings' pools.
-    stack = RequestStack(DIRECTION, router, metrics, config.response_timeout, profiles=runtime.profiles)
+    # route (profiles) → split → timeout → retry → balance (router), the tap watching what finishes; the
+    # endpoint layer is the settings' pools.
+    stack = RequestStack(DIRECTION, router, metrics, config.response_timeout, profiles=runtime.profiles,
+                         tap=runtime.tap)
     settings, http = http_layer(runtime, DIRECTION, stack)
 
     def on_detected(detection, transport):

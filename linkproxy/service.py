@@ -265,7 +265,7 @@ def make_proxy_service(config, reactor, log_level=None):
     service.add_listener(listener("inbound", config.inbound, build_inbound(runtime)))
 
     admin = AdminApp(metrics=runtime.metrics, readiness=service.readiness, config_dump=config.redacted,
-                     log_level=runtime.log_level, shutdown=service.shutdown, reactor=reactor)
+                     log_level=runtime.log_level, shutdown=service.shutdown, reactor=reactor, tap=runtime.tap)
     site = Site(admin.app.resource())
     site.noisy = False
     # Scrapes every few seconds would otherwise fill the log with access lines.

@@ -322,8 +322,8 @@ class AdminSafetyTests(SynchronousTestCase):
 
     def test_privateRoutesRefuseOthers(self):
         """
-        C{PUT /proxy-log-level} and C{POST /shutdown} from another host answer 403, and change nothing; the
-        refusal is logged once per route however often it is tried, within a minute.
+        C{PUT /proxy-log-level}, C{POST /shutdown} and C{GET /tap} from another host answer 403, and change
+        nothing; the refusal is logged once per route however often it is tried, within a minute.
         """
         logged = []
         h = _Harness(client=REMOTE)
@@ -334,16 +334,19 @@ class AdminSafetyTests(SynchronousTestCase):
                                                  b"(localhost)\n"))
             code, body = self.request(h.treq, "POST", "/shutdown")
             self.assertEqual(code, 403)
+            code, body = self.request(h.treq, "GET", "/tap?limit=1")
+            self.assertEqual((code, body), (403, b"/tap is only answered for clients on this host (localhost)\n"))
         self.assertEqual(h.log_level.name, "info")
         h.clock.advance(0)
         self.assertEqual(h.shutdowns, 0)
         self.assertEqual([e["log_format"].format(**e) for e in logged],
                          ["refused PUT /proxy-log-level from non-local client 10.1.2.3",
-                          "refused POST /shutdown from non-local client 10.1.2.3"])
+                          "refused POST /shutdown from non-local client 10.1.2.3",
+                          "refused GET /tap from non-local client 10.1.2.3"])
         self.assertEqual({e["log_level"] for e in logged}, {LogLevel.warn})
         h.clock.advance(60)
         self.request(h.treq, "POST", "/shutdown")
-        self.assertEqual(len(logged), 3)
+        self.assertEqual(len(logged), 4)
 
     def test_privateRoutesAnswerLocalClients(self):
         """

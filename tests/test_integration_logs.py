@@ -189,8 +189,8 @@ class AdminSafetyTests(TestCase):
     def test_non_loopback_client(self):
         """
         Over a real socket from this host's non-loopback address, C{/live}, C{/ready} and C{/metrics} answer
-        200, while C{PUT /proxy-log-level} and C{POST /shutdown} answer 403 and change nothing; the same
-        requests over 127.0.0.1 are obeyed.
+        200, while C{PUT /proxy-log-level}, C{POST /shutdown} and C{GET /tap} answer 403 and change nothing;
+        the same requests over 127.0.0.1 are obeyed.
         """
         host = _other_local_address()
         if host is None:
@@ -207,6 +207,7 @@ class AdminSafetyTests(TestCase):
                                                b"(localhost)\n"))
         self.assertEqual(http_get(remote + "/proxy-log-level")[2], b"info\n")
         self.assertEqual(http_get(remote + "/shutdown", method="POST", data=b"")[0], 403)
+        self.assertEqual(http_get(remote + "/tap?limit=1")[0], 403)
         self.assertEqual(http_get(proxy.url("admin", "/ready"))[0], 200)
         self.assertEqual(http_get(proxy.url("admin", "/proxy-log-level"), method="PUT", data=b"debug")[0], 204)
         self.assertEqual(http_get(remote + "/proxy-log-level")[2], b"debug\n")

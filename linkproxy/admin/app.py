@@ -12,10 +12,11 @@ Routes:
     - C{GET /env.json}: the (already redacted) effective configuration.
     - C{GET /proxy-log-level}, C{PUT /proxy-log-level}: read or change the runtime log level.
     - C{POST /shutdown}: start a graceful drain and exit.
+    - C{GET /tap}: finished requests as server-sent events (L{linkproxy.admin.tap}).
 
 Only C{GET} (and C{HEAD}) of C{/live}, C{/ready}, C{/metrics}, C{/env.json} and C{/proxy-log-level} answer every
 client, so that the admin listener can bind the pod IP for Kubernetes probes and scrapes. Every other route
-(C{PUT /proxy-log-level}, C{POST /shutdown}, and any route added later, such as C{/tap} and C{/dashboard})
+(C{PUT /proxy-log-level}, C{POST /shutdown}, C{/tap}, and any route added later, such as C{/dashboard})
 answers only clients on this host: loopback addresses and UNIX sockets; others get 403. The check is made in
 L{AdminKlein.execute_endpoint}, for every route of the app, so a new route is private unless it is added to
 L{PUBLIC}.
@@ -117,7 +118,7 @@ class AdminApp:
     app = AdminKlein()
     log = Logger(namespace="linkproxy.admin")
 
-    def __init__(self, *, metrics, readiness, config_dump, log_level, shutdown, reactor):
+    def __init__(self, *, metrics, readiness, config_dump, log_level, shutdown, reactor, tap=None):
         """
         @param metrics: the L{linkproxy.admin.metrics.Metrics} whose C{registry} C{/metrics} renders.
         @param readiness: zero-argument callable returning a L{list} of L{str}, each naming something not
@@ -127,6 +128,7 @@ class AdminApp:
         @param shutdown: zero-argument callable that starts a graceful drain and exit; called at most once,
             after the C{/shutdown} response has been finished.
         @param reactor: an L{IReactorTime} used to call C{shutdown} outside the request.
+        @param tap: the process's L{linkproxy.layers.tap.TapLayer}, or C{None} (then C{/tap} is 404).
         """
         self._metrics = metrics
         self._readiness = readiness
@@ -135,6 +137,7 @@ class AdminApp:
         self._shutdown = shutdown
         self._reactor = reactor
         self._shutdown_requested = False
+        self._tap = tap
         self._refusals_logged = {}
 
     def _refused(self, endpoint, request):
@@ -211,6 +214,25 @@ class AdminApp:
             # stack before draining, so the caller always gets its 202 rather than a reset connection.
             request.notifyFinish().addBoth(lambda _: self._reactor.callLater(0, self._shutdown))
         return _text(request, 202, "shutdown\n")
+
+    @app.route("/tap", methods=["GET"])
+    def tap(self, request):
+        """Finished requests as server-sent events, for local clients only (see L{linkproxy.admin.tap})."""
+        from linkproxy.admin.tap import TapFilterError, TapStream, parse_filters
+
+        if not is_local_client(request.getClientAddress()):
+            return _text(request, 403, "tap is only served to localhost\n")
+        if self._tap is None:
+            return _text(request, 404, "not found\n")
+        try:
+            filters, limit = parse_filters(request.args)
+        except TapFilterError as e:
+            return _text(request, 400, f"{e}\n")
+        stream = TapStream(request, self._tap, self._reactor, filters, limit)
+        if not stream.start():
+            return _text(request, 429, "too many tap subscribers; try again later\n")
+        # Klein finishes the response when this fires (at the limit) and cancels it if the client goes away.
+        return stream.finished
 
     @app.handle_errors(NotFound)
     def not_found(self, request, failure):

@@ -25,11 +25,11 @@ CONNECT, RESET, RESPONSE = rules.CONNECT, rules.RESET, rules.RESPONSE
 
 class RequestStack:
     """
-    route → split → timeout → retry → balance, for one direction (the endpoint layer sits with the codecs'
+    route → split → timeout → retry → balance, for one direction, with the tap watching what finishes (the endpoint layer sits with the codecs'
     pools, see L{linkproxy.layers.endpoint}).
     """
 
-    def __init__(self, direction, router, metrics, response_timeout, profiles=None, rng=None):
+    def __init__(self, direction, router, metrics, response_timeout, profiles=None, rng=None, tap=None):
         """
         @param direction: C{"inbound"} or C{"outbound"}, the metrics label.
         @param router: the direction's L{linkproxy.interfaces.IRouter}.
@@ -37,6 +37,7 @@ class RequestStack:
         @param response_timeout: the listener's response timeout, in seconds.
         @param profiles: the live L{linkproxy.discovery.profiles.Profiles}, or C{None}.
         @param rng: the L{random.Random} splits pick with (seeded in tests).
+        @param tap: the process's L{linkproxy.layers.tap.TapLayer}; a private one (never watched) when not given.
         """
         if rng is None:
             from random import Random
@@ -51,6 +52,10 @@ class RequestStack:
         # own proxy decides whether to retry elsewhere.
         self.retry = RetryLayer(max_attempts=1 if direction == "inbound" else rules.MAX_ATTEMPTS)
         self.balance = BalanceLayer(router)
+        if tap is None:
+            from linkproxy.layers.tap import TapLayer
+            tap = TapLayer()
+        self.tap = tap
 
     def begin(self, authority, method, target, now, grpc_timeout=None):
         """

@@ -74,7 +74,7 @@ class HttpSettings:
         if stack is None or stack.balance.router is not self.router:
             from linkproxy.layers.stack import RequestStack
             self.stack = RequestStack(self.direction, self.router, self.metrics, self.response_timeout,
-                                      profiles=self.profiles)
+                                      profiles=self.profiles, tap=stack.tap if stack is not None else None)
 
 
 @dataclass(frozen=True)

@@ -418,7 +418,7 @@ class Stream:
     __slots__ = (
         "server", "sid", "up", "uid", "req", "resp", "headers", "authority", "grpc", "lease", "route", "started",
         "timer", "head", "status", "grpc_status", "latency_ms", "retried", "done", "down_open", "down_code",
-        "released", "call", "safe",
+        "released", "call", "safe", "method", "path", "error",
     )
 
     def __init__(self, server, sid, headers, grpc):
@@ -448,6 +448,8 @@ class Stream:
         self.released = False
         self.call = None
         self.safe = True
+        self.method = self.path = b""
+        self.error = ""
 
     # -- routing and dispatch ----------------------------------------------------------------------------------
 
@@ -462,6 +464,7 @@ class Stream:
                 method = value
             elif name == b":path":
                 path = value
+        self.method, self.path = method, path
         self.safe = self.req.ended or method in IDEMPOTENT_METHODS
         grpc_timeout = None
         if self.grpc:
@@ -552,9 +555,36 @@ class Stream:
         self._detach_upstream(_CANCEL)
         req.rewind()
         self.resp.src = None
+        tap = self.server._stack.tap
+        if tap.watchers:
+            tap.emit(self._event(502, "", (now - self.started) * 1000.0, f"retried: {kind}", False))
         self.lease = None
         self.call.pick(self._routed, self._routed, self._route_failed)
         return True
+
+    def _event(self, status, grpc, latency_ms, error, final):
+        # One tap event (linkproxy.layers.tap): built only while someone watches.
+        server = self.server
+        settings = server.settings
+        call = self.call
+        lease = self.lease
+        endpoint = lease.endpoint if lease is not None else None
+        if settings.direction == "outbound":
+            tls = "true" if endpoint is not None and endpoint.meshed and settings.connector.meshed else "false"
+        else:
+            tls = server.peer.tls
+        peer = server.transport.getPeer() if server.transport is not None else None
+        return {
+            "direction": settings.direction, "authority": self.authority,
+            "method": self.method.decode("latin-1"), "path": self.path.decode("latin-1"),
+            "status": status, "grpc_status": grpc, "latency_ms": round(latency_ms, 3),
+            "duration_ms": round((server.reactor.seconds() - self.started) * 1000.0, 3),
+            "endpoint": endpoint.addr_str if endpoint is not None else "", "tls": tls,
+            "client_id": server.peer.client_id or "", "request_bytes": self.req.sent,
+            "response_bytes": self.resp.sent, "route": call.route.name if call is not None else "default",
+            "error": error, "attempt": call.attempts if call is not None else 0, "final": final,
+            "client_addr": getattr(peer, "host", ""), "version": "2",
+        }
 
     def connect_failed(self, reason):
         """
@@ -594,6 +624,7 @@ class Stream:
         """
         if self.done:
             return
+        self.error = error.reason
         self._cancel_timer()
         # Only the endpoint's own failures count against it; the proxy's rejections of the client do not.
         self.release(False if blames_endpoint(error) else None)
@@ -820,6 +851,9 @@ class Stream:
             if call is not None and call.metrics is not None:
                 call.answered(self.status, self.grpc_status, self.latency_ms)
                 call.finished(self.status, self.grpc_status, self.latency_ms)
+            tap = self.server._stack.tap
+            if tap.watchers:
+                tap.emit(self._event(self.status, self.grpc_status, self.latency_ms, self.error, True))
         # A gRPC stream that ended without its trailers (reset mid-body) was not answered properly.
         self.release(False if not self.head else not is_failure(self.status, self.grpc_status))
         self.server.forget(self.sid)

@@ -106,7 +106,8 @@ class Http1ServerProtocol(Protocol):
         self.peer = peer
         self._pool = settings.h1_pool
         self._reactor = settings.reactor
-        self._stack = settings.stack
+        self._stack = stack = settings.stack
+        self._tap = stack.tap
         self._outbound = settings.direction == "outbound"
         self._max_head = settings.max_header_bytes
         self._client_id = peer.client_id
@@ -148,6 +149,8 @@ class Http1ServerProtocol(Protocol):
         self._req_in_body = False
         self._trailers = None
         self._body_sent = False
+        self._req_bytes = 0
+        self._resp_bytes = 0
         self._pending_up = None
         self._pending_bytes = 0
         self._req_headers = None
@@ -341,7 +344,7 @@ class Http1ServerProtocol(Protocol):
             self._emit_fatal(err)
 
     def _emit_fatal(self, err):
-        self._count_error(err.status, 0.0)
+        self._count_error(err.status, 0.0, err.reason)
         self._out.append(h1.error_response(err.status, err.reason, close=True))
         self._close_when_flushed = True
 
@@ -602,14 +605,18 @@ class Http1ServerProtocol(Protocol):
             self._released = True
             self._lease.release(success)
 
-    def _may_retry(self, kind, endpoint, replayable):
+    def _may_retry(self, kind, endpoint, replayable, status=502):
         # The attempt on endpoint failed before its response reached the client; the call decides.
         self._release(False)
         now = self._reactor.seconds()
         if self._deadline is not None and now >= self._deadline:
             return False
         safe = not self._req_has_body or h1.is_idempotent(self._method)
-        return self._call.retry(kind, now, endpoint, safe, replayable)
+        if not self._call.retry(kind, now, endpoint, safe, replayable):
+            return False
+        if self._tap.watchers:
+            self._tap.emit(self._event(status, "", (now - self._t0) * 1000.0, f"retried: {kind}", False))
+        return True
 
     def _next_attempt(self, replay):
         # Route the request again (the call avoids the endpoint that failed), resending what was sent.
@@ -665,6 +672,7 @@ class Http1ServerProtocol(Protocol):
             return
         self._body_sent = True
         size = len(data)
+        self._req_bytes += size
         if self._req_chunked:
             self._send_up((h1.chunk_prefix(size), data, _CRLF), size)
         else:
@@ -704,7 +712,7 @@ class Http1ServerProtocol(Protocol):
         if status >= 500 and is_failure(status, resp.grpc_status):
             call = self._call
             if (call.route.retryable and self._req_complete and self._replay is not None and not self._is_upgrade
-                    and self._may_retry(RESPONSE, conn.endpoint, True)):
+                    and self._may_retry(RESPONSE, conn.endpoint, True, status)):
                 # This answer is dropped (it still counts among the route's actual responses); the connection
                 # is mid-message, so it goes too.
                 call.answered(status, resp.grpc_status, (now - self._t0) * 1000.0)
@@ -757,6 +765,7 @@ class Http1ServerProtocol(Protocol):
         return True
 
     def response_body(self, data):
+        self._resp_bytes += len(data)
         if self._resp_mode == _BODY_CHUNKED:
             self._out += (h1.chunk_prefix(len(data)), data, _CRLF)
         else:
@@ -770,11 +779,44 @@ class Http1ServerProtocol(Protocol):
             for name, value in trailers:
                 if name == b"grpc-status":
                     grpc = value.decode("ascii", "replace").strip()
-        self._route_metrics.response(self._status, grpc, self._latency_ms)
+        self._finished(self._route_metrics, self._status, grpc, self._latency_ms)
+
+    def _finished(self, rm, status, grpc, latency_ms, error=""):
+        # The request's one answer, counted once: golden metrics, the route's, and the tap when watched.
+        rm.response(status, grpc, latency_ms)
         call = self._call
-        if call.metrics is not None:
-            call.answered(self._status, grpc, self._latency_ms)
-            call.finished(self._status, grpc, self._latency_ms)
+        if call is not None and call.metrics is not None:
+            call.answered(status, grpc, latency_ms)
+            call.finished(status, grpc, latency_ms)
+        if self._tap.watchers:
+            self._tap.emit(self._event(status, grpc, latency_ms, error, True))
+
+    def _event(self, status, grpc, latency_ms, error, final):
+        # One tap event (linkproxy.layers.tap): built only while someone watches.
+        call = self._call
+        lease = self._lease
+        endpoint = lease.endpoint if lease is not None else None
+        if self._outbound:
+            tls = "true" if endpoint is not None and endpoint.meshed and self.settings.connector.meshed else "false"
+        else:
+            tls = self.peer.tls
+        peer = self.transport.getPeer() if self.transport is not None else None
+        path = self._target or b""
+        if path[:1] != b"/" and b"://" in path:
+            # Absolute-form: the path, as the app gets it (origin-form).
+            slash = path.find(b"/", path.find(b"://") + 3)
+            path = path[slash:] if slash >= 0 else b"/"
+        return {
+            "direction": self.settings.direction, "authority": self._authority or "",
+            "method": (self._method or b"").decode("latin-1"), "path": path.decode("latin-1"),
+            "status": status, "grpc_status": grpc, "latency_ms": round(latency_ms, 3),
+            "duration_ms": round((self._reactor.seconds() - self._t0) * 1000.0, 3) if self._busy else 0.0,
+            "endpoint": endpoint.addr_str if endpoint is not None else "", "tls": tls,
+            "client_id": self.peer.client_id or "", "request_bytes": self._req_bytes,
+            "response_bytes": self._resp_bytes, "route": call.route.name if call is not None else "default",
+            "error": error, "attempt": call.attempts if call is not None else 0, "final": final,
+            "client_addr": getattr(peer, "host", ""), "version": self._version or "1.1",
+        }
 
     def response_complete(self, conn):
         # The response has ended; return the upstream connection and move to the next request.
@@ -797,7 +839,7 @@ class Http1ServerProtocol(Protocol):
         self._up = None
         self._splice = conn
         conn.splice_to(self)
-        self._route_metrics.response(self._status, "", self._latency_ms)
+        self._finished(self._route_metrics, self._status, "", self._latency_ms)
         self._deadline = None
         if rest:
             self._out.append(rest)
@@ -823,7 +865,8 @@ class Http1ServerProtocol(Protocol):
         conn.detach()
         if self._resp_started:
             # Mid-body: the client cannot get a clean error any more; close its connection.
-            self._route_metrics.response(self._status, self._resp_grpc, self._latency_ms)
+            self._finished(self._route_metrics, self._status, self._resp_grpc, self._latency_ms,
+                           "upstream closed the connection mid-response")
             self._p_dead = True
             self._close_when_flushed = True
             return
@@ -849,7 +892,7 @@ class Http1ServerProtocol(Protocol):
             conn.detach()
         conn.abort()
         if self._resp_started:
-            self._route_metrics.response(self._status, self._resp_grpc, self._latency_ms)
+            self._finished(self._route_metrics, self._status, self._resp_grpc, self._latency_ms, err.reason)
             self._p_dead = True
             self._close_when_flushed = True
         else:
@@ -866,7 +909,7 @@ class Http1ServerProtocol(Protocol):
         self._release(False if blames_endpoint(err) else None)
         self._cancel_upstream()
         self._failed = True
-        self._count_error(err.status, (self._reactor.seconds() - self._t0) * 1000.0)
+        self._count_error(err.status, (self._reactor.seconds() - self._t0) * 1000.0, err.reason)
         if self._resp_started:
             self._p_dead = True
             self._close_when_flushed = True
@@ -891,7 +934,7 @@ class Http1ServerProtocol(Protocol):
         else:
             self._end_exchange()
 
-    def _count_error(self, status, latency_ms):
+    def _count_error(self, status, latency_ms, reason):
         rm = self._route_metrics
         if rm is None:
             authority = self._authority or ""
@@ -900,11 +943,7 @@ class Http1ServerProtocol(Protocol):
             if rm is None:
                 rm = self._route_for(authority, None, key)
             rm.requests.inc()
-        rm.response(status, "", latency_ms)
-        call = self._call
-        if call is not None and call.metrics is not None:
-            call.answered(status, "", latency_ms)
-            call.finished(status, "", latency_ms)
+        self._finished(rm, status, "", latency_ms, reason)
 
     def _cancel_upstream(self):
         conn = self._up

@@ -188,16 +188,21 @@ class ProxyService(MultiService):
         log.info("draining {count} open connections (grace period {grace} s)", count=len(self._tracker),
                  grace=self._grace)
         self._tracker.drain()
+        started = self._reactor.seconds()
+        aborted = 0
         if len(self._tracker):
             waiting = self._tracker.wait_empty()
             timer = self._reactor.callLater(self._grace, waiting.cancel)
             try:
                 yield waiting
             except Exception:
-                log.warn("grace period over; aborting {count} connections", count=len(self._tracker))
+                aborted = len(self._tracker)
+                log.warn("grace period over; aborting {count} connections", count=aborted)
                 self._tracker.abort_all()
             if timer.active():
                 timer.cancel()
+        log.info("drain finished after {seconds:.1f} s ({aborted} connections aborted)",
+                 seconds=round(self._reactor.seconds() - started, 3), aborted=aborted)
         others = [s for s in self if s not in self._listeners and s is not self._admin]
         yield DeferredList([maybeDeferred(s.stopService) for s in reversed(others)])
         if self._admin is not None:

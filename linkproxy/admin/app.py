@@ -220,8 +220,7 @@ class AdminApp:
         """Finished requests as server-sent events, for local clients only (see L{linkproxy.admin.tap})."""
         from linkproxy.admin.tap import TapFilterError, TapStream, parse_filters
 
-        if not is_local_client(request.getClientAddress()):
-            return _text(request, 403, "tap is only served to localhost\n")
+        # Local clients only: the app-wide rule (routes are private unless listed as public) applies.
         if self._tap is None:
             return _text(request, 404, "not found\n")
         try:

@@ -984,9 +984,9 @@ class AlpnTests(MeshHelpers, TestCase):
         yield self.refused_after_alpn(port, b"", "missing")
 
     @defer.inlineCallbacks
-    def test_alpn_eof_without_header_refused(self):
+    def eof_after_alpn(self, data, label):
         """
-        After negotiating the ALPN, closing without a header is refused as C{missing}.
+        Negotiate the ALPN, send C{data}, close (close_notify), and expect a refusal counted as C{label}.
         """
         self.domain = self.trust_domain()
         port = yield self.listen(self.store(self.domain, WEB))
@@ -994,10 +994,12 @@ class AlpnTests(MeshHelpers, TestCase):
         @implementer(IHandshakeListener)
         class Closer(App):
             """
-            Closes (close_notify) as soon as its handshake is done, having sent nothing.
+            Sends C{data} and closes as soon as its handshake is done (close_notify follows the data).
             """
 
             def handshakeCompleted(self):
+                if data:
+                    self.transport.write(data)
                 self.transport.loseConnection()
 
         endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port.getHost().port)
@@ -1006,7 +1008,20 @@ class AlpnTests(MeshHelpers, TestCase):
         yield app.lost
         yield self.gone(port)
         self.assertEqual(port.ready, [])
-        self.assertEqual((self.errors(protocol_="transport_header"), self.errors()), ({"missing": 1.0}, {}))
+        self.assertEqual((self.errors(protocol_="transport_header"), self.errors()), ({label: 1.0}, {}))
+
+    def test_alpn_eof_without_header_refused(self):
+        """
+        After negotiating the ALPN, closing without a byte is refused as C{missing}.
+        """
+        return self.eof_after_alpn(b"", "missing")
+
+    def test_alpn_eof_in_preface_refused(self):
+        """
+        After negotiating the ALPN, closing after part of the preface is refused as C{incomplete} (without the
+        ALPN, those bytes would be handed over as the stream).
+        """
+        return self.eof_after_alpn(b"transport.", "incomplete")
 
     @defer.inlineCallbacks
     def test_alpn_partial_preface_refused(self):

@@ -491,6 +491,9 @@ class OutboundToInboundTests(MeshHelpers, TestCase):
         self.assertEqual(new_cert, server.current.leaf)
         self.assertNotEqual(new_cert.serial_number, old_serial)
         self.assertEqual(port.ready[1][0].client_id, API)
+        # The contexts of the new generation negotiate the ALPN too, so the header still comes.
+        self.assertEqual(new.transport.negotiatedProtocol, TRANSPORT_HEADER_ALPN)
+        self.assertEqual(port.ready[1][1], TransportHeader(8080, "", None))
 
         old.transport.write(b"still")
         yield old.wait_for(b"ONESTILL")

@@ -824,7 +824,7 @@ class AlpnTests(MeshHelpers, TestCase):
 
     def old_client(self, store):
         """
-        TLS as a linkproxy client from before ALPN made it: the mesh's certificate and SNI, no ALPN offered.
+        TLS as a linkproxy from before the ALPN made it as a client: the mesh's certificate and SNI, no ALPN.
         """
         return client_connection_creator(store, WEB)
 

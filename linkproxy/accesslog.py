@@ -55,16 +55,18 @@ class AccessLog:
     @ivar dropped: lines dropped because the queue was full.
     """
 
-    def __init__(self, fmt, stream, max_queued=MAX_QUEUED, metrics=None):
+    def __init__(self, fmt, stream, max_queued=MAX_QUEUED, metrics=None, owns_stream=False):
         """
         @param fmt: C{"apache"} or C{"json"}.
         @param stream: a text file object to write to (line-buffered writes are flushed by the thread).
+        @param owns_stream: close C{stream} in L{close} (a file the access log opened).
         @param metrics: a L{linkproxy.admin.metrics.Metrics} to count drops in, or C{None}.
         """
         if fmt not in FORMATS:
             raise ValueError(f"access log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         self._format = format_apache if fmt == "apache" else format_json
         self._stream = stream
+        self._owns_stream = owns_stream
         self._queue = queue.Queue(max_queued)
         self.dropped = 0
         self._dropped_counter = None
@@ -116,18 +118,21 @@ class AccessLog:
 
     def close(self, timeout=2.0):
         """
-        Write what is queued, then stop the thread (at shutdown).
+        Write what is queued, then stop the thread and close the file (at shutdown).
         """
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:
             return
         self._thread.join(timeout)
+        if self._owns_stream and not self._thread.is_alive():
+            self._stream.close()
 
 
 def open_access_log(fmt, path, metrics=None):
     """
     The L{AccessLog} for C{--access-log FMT} and C{--access-log-file PATH} (C{None}: standard error).
     """
-    stream = open(path, "a", encoding="utf-8", buffering=1) if path else sys.stderr
-    return AccessLog(fmt, stream, metrics=metrics)
+    if path:
+        return AccessLog(fmt, open(path, "a", encoding="utf-8", buffering=1), metrics=metrics, owns_stream=True)
+    return AccessLog(fmt, sys.stderr, metrics=metrics)

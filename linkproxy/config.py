@@ -40,6 +40,8 @@ StaticEndpoint = Tuple[str, Address]
 DEFAULT_OPAQUE_PORTS: FrozenSet[int] = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+LOG_FORMATS = ("plain", "json")
+ACCESS_LOG_FORMATS = ("off", "apache", "json")
 POLICY_MODES = ("unauthenticated", "authenticated", "deny", "allow")
 
 _SENSITIVE_WORDS = ("key", "token", "secret", "password")
@@ -81,6 +83,9 @@ class Config:
     @ivar shutdown_grace_period: seconds to let connections drain on shutdown.
     @ivar opaque_ports: target ports never sniffed; traffic to them is proxied as opaque TCP.
     @ivar log_level: one of L{LOG_LEVELS}.
+    @ivar log_format: how log events are written, one of L{LOG_FORMATS}.
+    @ivar access_log: the per-request access log format, one of L{ACCESS_LOG_FORMATS}; C{"off"} writes none.
+    @ivar access_log_file: where the access log goes, or C{None} for standard error.
     @ivar discovery: the discovery spec as given: C{dns}, C{file:PATH}, C{static:...} or a plugin name.
     @ivar static_endpoints: for C{static:} discovery, C{(logical name "host:port", (host, port))} pairs.
     @ivar balancer: balancer name, checked against installed plugins later.
@@ -113,6 +118,9 @@ class Config:
     shutdown_grace_period: float = 30.0
     opaque_ports: FrozenSet[int] = field(default=DEFAULT_OPAQUE_PORTS)
     log_level: str = "info"
+    log_format: str = "plain"
+    access_log: str = "off"
+    access_log_file: Optional[str] = None
     discovery: str = "dns"
     static_endpoints: Tuple[StaticEndpoint, ...] = ()
     balancer: str = "p2c-ewma"
@@ -376,6 +384,21 @@ def _log_level(value: Any) -> str:
     return level
 
 
+def _choice(choices: Tuple[str, ...]) -> Callable[[Any], str]:
+    expected = "one of " + ", ".join(choices)
+
+    def parse(value: Any) -> str:
+        # YAML reads a bare off as false; accept it as the word it was written as.
+        if value is False and "off" in choices:
+            return "off"
+        choice = _text(value, expected).lower()
+        if choice not in choices:
+            raise ValueError(f"expected {expected}, got {_show(value)}")
+        return choice
+
+    return parse
+
+
 _PLUGIN_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 
 
@@ -607,6 +630,12 @@ OPTIONS: Tuple[Option, ...] = (
            "Target ports never sniffed (proxied as opaque TCP): ports and ranges, comma-separated.", "PORTS"),
     Option("log_level", _log_level, "info",
            "Log level: debug, info, warn, error or critical.", "LEVEL"),
+    Option("log_format", _choice(LOG_FORMATS), Config.log_format,
+           "Log format: plain (one readable line per event) or json (one object per line).", "FORMAT"),
+    Option("access_log", _choice(ACCESS_LOG_FORMATS), Config.access_log,
+           "Access log: off, apache or json.", "FORMAT"),
+    Option("access_log_file", _path, "none",
+           "File the access log is appended to (when unset: standard error).", "PATH"),
     Option("discovery", _discovery, Config.discovery,
            "Service discovery: dns, file:PATH, static:NAME=ADDR,... or a plugin name.", "SPEC",
            fields=("discovery", "static_endpoints")),

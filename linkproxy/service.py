@@ -188,16 +188,21 @@ class ProxyService(MultiService):
         log.info("draining {count} open connections (grace period {grace} s)", count=len(self._tracker),
                  grace=self._grace)
         self._tracker.drain()
+        started = self._reactor.seconds()
+        aborted = 0
         if len(self._tracker):
             waiting = self._tracker.wait_empty()
             timer = self._reactor.callLater(self._grace, waiting.cancel)
             try:
                 yield waiting
             except Exception:
-                log.warn("grace period over; aborting {count} connections", count=len(self._tracker))
+                aborted = len(self._tracker)
+                log.warn("grace period over; aborting {count} connections", count=aborted)
                 self._tracker.abort_all()
             if timer.active():
                 timer.cancel()
+        log.info("drain finished after {seconds:.1f} s ({aborted} connections aborted)",
+                 seconds=round(self._reactor.seconds() - started, 3), aborted=aborted)
         others = [s for s in self if s not in self._listeners and s is not self._admin]
         yield DeferredList([maybeDeferred(s.stopService) for s in reversed(others)])
         if self._admin is not None:
@@ -246,6 +251,8 @@ def make_proxy_service(config, reactor, log_level=None):
                       connector=Connector(reactor, config.connect_timeout, meshed=meshed),
                       log_level=log_level or LogLevelControl(config.log_level), identity=identity,
                       profiles=profiles)
+    if config.access_log != "off":
+        _AccessLogService(config, runtime).setServiceParent(service)
     outbound_router = BalancedRouter(discovery, find_balancer(config.balancer), reactor, metrics,
                                      direction="outbound", first_update_timeout=config.connect_timeout)
     RouterService(outbound_router).setServiceParent(service)
@@ -271,6 +278,34 @@ def make_proxy_service(config, reactor, log_level=None):
                                   on_error=service.listen_failed), admin=True)
     service.runtime = runtime
     return service
+
+
+class _AccessLogService(Service):
+    """
+    Watches the tap with the access log (C{--access-log}) while the proxy runs; at stop, writes what is
+    queued and closes the file.
+    """
+
+    def __init__(self, config, runtime):
+        self._config = config
+        self._tap = runtime.tap
+        self._metrics = runtime.metrics
+        self._log = None
+        self.setName("access-log")
+
+    def startService(self):
+        from linkproxy.accesslog import open_access_log
+
+        Service.startService(self)
+        self._log = open_access_log(self._config.access_log, self._config.access_log_file, metrics=self._metrics)
+        self._tap.watch(self._log)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._log is not None:
+            self._tap.unwatch(self._log)
+            self._log.close()
+            self._log = None
 
 
 class _DiscoveryService(Service):

@@ -140,7 +140,7 @@ def makeService(options):
         sys.stderr.write(f"linkproxy: {e}\n")
         sys.stderr.flush()
         raise SystemExit(78)
-    log_level = _install_log_level(options, config.log_level)
+    log_level = _install_logging(options, config)
     from twisted.internet import reactor
     from linkproxy.service import make_proxy_service
     if config.identity_dir is None:
@@ -154,23 +154,33 @@ def makeService(options):
         raise SystemExit(78)
 
 
-def _install_log_level(options, level_name):
+def _install_logging(options, config):
     """
-    Make C{--log-level} (and later C{PUT /proxy-log-level}) the level of the whole process.
+    Make C{--log-format} the format, and C{--log-level} (and later C{PUT /proxy-log-level}) the level, of the
+    whole process's log, Twisted's own events included.
 
-    C{twist} filters events at its own C{--log-level} before anything else sees them, and builds its log
-    observer only after this service exists. So its filter is opened fully and the observer its factory makes
-    is wrapped in linkproxy's run-time level filter. linkproxy's level therefore replaces twist's own
-    C{--log-level}.
+    C{twist} builds its log observer only after this service exists, from the factory its options hold: its
+    text format when the log file is a terminal, its JSON event dump otherwise, or whichever its own
+    C{--log-format} (given before the plugin name) chose. That factory is replaced by one writing
+    linkproxy's format (L{linkproxy.logformat}) to the same file (twist's C{--log-file}), so linkproxy's
+    C{--log-format} wins over twist's: C{twist --log-format text linkproxy} writes plain lines too.
+
+    C{twist} also filters events at its own C{--log-level} before anything else sees them. So its filter is
+    opened fully and the observer is wrapped in linkproxy's run-time level filter; linkproxy's level
+    therefore replaces twist's own C{--log-level}.
+
+    Without C{twist} (C{options} has no parent holding an observer factory) nothing is installed.
 
     @return: the L{linkproxy.admin.loglevel.LogLevelControl}.
     """
     from twisted.logger import LogLevel
     from linkproxy.admin.loglevel import LogLevelControl
-    control = LogLevelControl(level_name, everything=True)
+    from linkproxy.logformat import observer
+    control = LogLevelControl(config.log_level, everything=True)
     parent = getattr(options, "parent", None)
     factory = parent.get("fileLogObserverFactory") if parent is not None else None
     if factory is not None:
+        log_format = config.log_format
         parent["logLevel"] = LogLevel.debug
-        parent["fileLogObserverFactory"] = lambda log_file: control.observer(factory(log_file))
+        parent["fileLogObserverFactory"] = lambda log_file: control.observer(observer(log_format, log_file))
     return control

@@ -59,9 +59,11 @@ class Proxy:
     A C{twist linkproxy} process on free loopback ports.
 
     @ivar ports: C{{"outbound", "inbound", "admin"}} to port numbers.
+
+    C{twist_args} come before the plugin name: twist's own options.
     """
 
-    def __init__(self, testcase, config=None, args=(), env=None, ready=True):
+    def __init__(self, testcase, config=None, args=(), env=None, ready=True, twist_args=("--log-format", "text")):
         self.ports = {name: free_port() for name in ("outbound", "inbound", "admin")}
         settings = {
             "outbound": f"tcp:{self.ports['outbound']}:interface=127.0.0.1",
@@ -79,7 +81,7 @@ class Proxy:
         self.log_path = os.path.abspath(testcase.mktemp() + ".log")
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [TWIST, "--log-format", "text", "linkproxy", "--config", self.config_path, *args],
+            [TWIST, *twist_args, "linkproxy", "--config", self.config_path, *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
         testcase.addCleanup(self.stop)
         if ready:

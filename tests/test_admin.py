@@ -13,7 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
-from linkproxy.admin.app import AdminApp, is_local_client, is_loopback
+from klein import Klein
+
+from linkproxy.admin.app import PUBLIC, AdminApp, AdminKlein, is_local_client, is_loopback
 from linkproxy.admin.loglevel import LogLevelControl
 from linkproxy.admin.metrics import Metrics
 
@@ -270,6 +272,120 @@ class AdminAppTests(SynchronousTestCase):
         response, body = self.request("GET", "/nope")
         self.assertEqual((response.code, body), (404, b"not found\n"))
         self.assertTrue(self.contentType(response).startswith("text/plain"))
+
+
+REMOTE = IPv4Address("TCP", "10.1.2.3", 40000)
+
+
+class _PrivateRoutes:
+    """
+    Routes like the C{/tap} and C{/dashboard} that are added to the admin app, on the same L{AdminKlein}: they
+    are private without saying so.
+    """
+
+    app = AdminKlein()
+
+    @app.route("/tap", methods=["GET"])
+    def tap(self, request):
+        return b"events"
+
+    @app.route("/dashboard", branch=True, methods=["GET"])
+    def dashboard(self, request):
+        return b"page"
+
+    @app.route("/live", methods=["GET"])
+    def live(self, request):
+        return b"live"
+
+
+class AdminSafetyTests(SynchronousTestCase):
+    """
+    With the admin listener on the pod IP, only the probe and scrape routes answer other hosts.
+    """
+
+    def request(self, treq, method, path, **kwargs):
+        response = self.successResultOf(treq.request(method, BASE + path, **kwargs))
+        return response.code, self.successResultOf(response.content())
+
+    def test_publicRoutesAnswerEveryone(self):
+        """
+        C{/live}, C{/ready}, C{/metrics}, the redacted C{/env.json} and reading the log level answer a client
+        on another host.
+        """
+        h = _Harness(client=REMOTE)
+        for path in ["/live", "/ready", "/metrics", "/env.json", "/proxy-log-level"]:
+            code, body = self.request(h.treq, "GET", path)
+            self.assertEqual(code, 200, path)
+        code, body = self.request(h.treq, "GET", "/env.json")
+        self.assertEqual(json.loads(body)["identity"], {"key": "<redacted>"})
+        self.assertEqual(self.request(h.treq, "HEAD", "/live")[0], 200)
+
+    def test_privateRoutesRefuseOthers(self):
+        """
+        C{PUT /proxy-log-level}, C{POST /shutdown} and C{GET /tap} from another host answer 403, and change
+        nothing; the refusal is logged once per route however often it is tried, within a minute.
+        """
+        logged = []
+        h = _Harness(client=REMOTE)
+        h.admin.log = Logger(namespace="linkproxy.admin", observer=logged.append)
+        for _ in range(3):
+            code, body = self.request(h.treq, "PUT", "/proxy-log-level", data=b"debug")
+            self.assertEqual((code, body), (403, b"/proxy-log-level is only answered for clients on this host "
+                                                 b"(localhost)\n"))
+            code, body = self.request(h.treq, "POST", "/shutdown")
+            self.assertEqual(code, 403)
+            code, body = self.request(h.treq, "GET", "/tap?limit=1")
+            self.assertEqual((code, body), (403, b"/tap is only answered for clients on this host (localhost)\n"))
+        self.assertEqual(h.log_level.name, "info")
+        h.clock.advance(0)
+        self.assertEqual(h.shutdowns, 0)
+        self.assertEqual([e["log_format"].format(**e) for e in logged],
+                         ["refused PUT /proxy-log-level from non-local client 10.1.2.3",
+                          "refused POST /shutdown from non-local client 10.1.2.3",
+                          "refused GET /tap from non-local client 10.1.2.3"])
+        self.assertEqual({e["log_level"] for e in logged}, {LogLevel.warn})
+        h.clock.advance(60)
+        self.request(h.treq, "POST", "/shutdown")
+        self.assertEqual(len(logged), 4)
+
+    def test_privateRoutesAnswerLocalClients(self):
+        """
+        The same routes answer loopback (IPv4, IPv6, mapped) and UNIX-socket clients.
+        """
+        for client in [IPv4Address("TCP", "127.0.0.2", 1), IPv6Address("TCP", "::1", 1), UNIXAddress(None)]:
+            h = _Harness(client=client)
+            self.assertEqual(self.request(h.treq, "PUT", "/proxy-log-level", data=b"debug")[0], 204, client)
+            self.assertEqual(h.log_level.name, "debug")
+
+    def test_newRoutesArePrivate(self):
+        """
+        A route added to an L{AdminKlein} app (here C{/tap} and C{/dashboard}, with a page below it) is refused
+        to other hosts without marking it, unless it is one of the public pairs; local clients get it.
+        """
+        remote = StubTreq(_FromClient(_PrivateRoutes().app.resource(), REMOTE))
+        local = StubTreq(_PrivateRoutes().app.resource())
+        for path in ["/tap", "/dashboard", "/dashboard/app.js"]:
+            self.assertEqual(self.request(remote, "GET", path)[0], 403, path)
+            self.assertEqual(self.request(local, "GET", path)[0], 200, path)
+        self.assertEqual(self.request(remote, "GET", "/live"), (200, b"live"))
+        self.assertEqual(self.request(remote, "GET", "/tap?authority=x")[0], 403)
+
+    def test_unknownPathsStill404(self):
+        """
+        Paths with no route, and wrong methods, answer 404 and 405 as before, to anyone.
+        """
+        h = _Harness(client=REMOTE)
+        self.assertEqual(self.request(h.treq, "GET", "/nope")[0], 404)
+        self.assertEqual(self.request(h.treq, "GET", "/shutdown")[0], 405)
+
+    def test_publicTable(self):
+        """
+        The public table is exactly the probe, scrape, config and level-reading routes, for GET and HEAD.
+        """
+        self.assertEqual(PUBLIC, {(m, p) for m in (b"GET", b"HEAD") for p in (
+            b"/live", b"/ready", b"/metrics", b"/env.json", b"/proxy-log-level")})
+        self.assertIsInstance(AdminApp.app, Klein)
+        self.assertIsInstance(AdminApp.app, AdminKlein)
 
 
 class IsLoopbackTests(SynchronousTestCase):

@@ -68,6 +68,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.workers, 1)
         self.assertFalse(config.dst_override)
         self.assertIsNone(config.config_file)
+        self.assertEqual((config.log_format, config.access_log, config.access_log_file), ("plain", "off", None))
 
     def test_emptyFileAndNoneCli(self):
         """
@@ -349,6 +350,9 @@ BAD_VALUES = {
     "opaque_ports": [("0", "'0'"), ("65536", "'65536'"), ("25,x", "'x'"), ("9-1", "'9-1'"), ("25,,587", "''"),
                      ("-5", "'-5'")],
     "log_level": [("loud", "'loud'"), ("", "expected one of debug, info, warn, error, critical")],
+    "log_format": [("text", "expected one of plain, json, got 'text'"), ("", "''")],
+    "access_log": [("common", "expected one of off, apache, json, got 'common'"), ("on", "'on'")],
+    "access_log_file": [("", "expected a path")],
     "discovery": [("file:", "expected a path after 'file:'"), ("static:", "at least one entry"),
                   ("static:a:80", "NAME=ADDR"), ("static:a:80=b", "missing port"),
                   ("static:a=b:1", "missing port"), ("Bad Name", "'Bad Name'"), ("9dns", "'9dns'")],
@@ -440,6 +444,22 @@ class ValueSyntaxTests(SynchronousTestCase):
             self.assertEqual(parse_config({"connect_timeout": text}, {}, None).connect_timeout, seconds, text)
         self.assertEqual(parse_config({}, {}, {"connect_timeout": 2}).connect_timeout, 2.0)
         self.assertEqual(parse_config({}, {}, {"connect_timeout": 0.2}).connect_timeout, 0.2)
+
+    def test_logAndAccessLogFormats(self):
+        """
+        C{--log-format}, C{--access-log} and C{--access-log-file} are read from every source, case-insensitively;
+        a YAML C{access_log: off} (which YAML reads as false) means C{off}.
+        """
+        config = parse_config({"log_format": "JSON"}, {"LINKPROXY_ACCESS_LOG": "apache",
+                                                       "LINKPROXY_ACCESS_LOG_FILE": "/var/log/access.log"}, None)
+        self.assertEqual((config.log_format, config.access_log, config.access_log_file),
+                         ("json", "apache", "/var/log/access.log"))
+        import yaml
+        file = yaml.safe_load("log_format: json\naccess_log: off\naccess_log_file: /tmp/a.log\n")
+        config = parse_config({}, {}, file)
+        self.assertEqual((config.log_format, config.access_log, config.access_log_file),
+                         ("json", "off", "/tmp/a.log"))
+        self.assertEqual(parse_config({}, {}, {"access_log": "json"}).access_log, "json")
 
     def test_zeroGracePeriod(self):
         """

@@ -311,8 +311,8 @@ class FileDiscoveryTests(unittest.TestCase):
 
     def test_badEditKeepsLastGood(self):
         """
-        A bad edit keeps the last good set, is logged naming the problem and counted once however many polls
-        see it; the next good edit applies.
+        A bad edit keeps the last good set, is logged (a warning) naming the problem and counted once however
+        many polls see it; the next good edit applies.
         """
         self.write(GOOD)
         discovery = self.discovery()
@@ -323,9 +323,10 @@ class FileDiscoveryTests(unittest.TestCase):
             self.clock.advance(1.0)
         self.assertEqual(len(web.sets), 1)
         self.assertEqual(errors(self.metrics, "file"), 1)
-        messages = [e["log_format"].format(**e) for e in self.logged if e.get("log_namespace") == "test.file"
-                    and "unusable" in e["log_format"]]
+        bad = [e for e in self.logged if e.get("log_namespace") == "test.file" and "unusable" in e["log_format"]]
+        messages = [e["log_format"].format(**e) for e in bad]
         self.assertEqual(len(messages), 1)
+        self.assertEqual(bad[0]["log_level"].name, "warn")
         self.assertIn("keeping the last good version", messages[0])
         self.assertIn("invalid port 'http'", messages[0])
 
@@ -671,6 +672,29 @@ class CacheTests(unittest.TestCase):
         self.assertEqual(receiver.sets[1], [("127.0.0.1", 1), ("127.0.0.1", 2)])
         self.assertEqual(receiver.endpoint_sets[1][0].weight, 5)
         self.assertEqual(receiver.sets[2], [("127.0.0.1", 1)])
+
+    def test_changesLoggedOnce(self):
+        """
+        Each change of a target's endpoint set is logged once at info, with the target, the count and how
+        many endpoints were added, removed and changed; an update that changes nothing logs nothing.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        # The fake answers at once with 127.0.0.1:1; pushing that set again changes nothing.
+        watch = self.cache.watch("web:80")
+        self.discovery.push("web:80", [("127.0.0.1", 1)])
+        self.discovery.push("web:80", [("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)])
+        self.discovery.push("web:80", [("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)])
+        self.discovery.push("web:80", [Endpoint(address=("127.0.0.1", 1), weight=2), ("127.0.0.1", 4)])
+        self.assertEqual(watch.updates, 5)
+        events = [e for e in logged if e.get("log_namespace") == "linkproxy.discovery.cache"]
+        self.assertEqual([e["log_format"].format(**e) for e in events], [
+            "web:80: discovered 1 endpoints (fake)",
+            "web:80: 3 endpoints (2 added, 0 removed, 0 changed)",
+            "web:80: 2 endpoints (1 added, 2 removed, 1 changed)",
+        ])
+        self.assertEqual([(e["target"], e["count"], e["added"], e["removed"]) for e in events[1:]],
+                         [("web:80", 3, 2, 0), ("web:80", 2, 1, 2)])
+        self.assertEqual({e["log_level"].name for e in events}, {"info"})
 
     def test_idleEviction(self):
         """

@@ -15,7 +15,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from linkproxy.admin.metrics import Metrics
@@ -258,6 +258,24 @@ class StoreTests(SynchronousTestCase):
             second.chain, second.anchors, WEB,
             datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc))
 
+    def test_renewal_logged_once(self):
+        """
+        Each renewal is logged once at info, naming the identity, its new generation and expiry; the timers
+        between renewals log nothing.
+        """
+        store = self.make_store()
+        first = store.start()
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.clock.advance(0.35 * DAY)
+        self.assertEqual(len(logged), 0)
+        self.clock.advance(0.35 * DAY)
+        [event] = [e for e in logged if "installed" in e.get("log_format", "")]
+        self.assertEqual(len(logged), 1)
+        self.assertEqual((event["log_level"], event["name"], event["generation"], event["source"]),
+                         (LogLevel.info, WEB, first.generation + 1, "self-issued"))
+        self.assertEqual(event["not_after"], datetime.datetime.fromtimestamp(
+            store.current.not_after, datetime.timezone.utc).isoformat())
+
     def test_loads_files(self):
         """
         cert.pem and key.pem for the store's name are used as they are, and not renewed by the store.
@@ -307,6 +325,7 @@ class StoreTests(SynchronousTestCase):
         self.assertTrue(store.ready)
         warnings = [e for e in logged if "not refreshed" in e.get("log_format", "")]
         self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["log_level"], LogLevel.warn)
         self.assertIn("cert.pem", warnings[0]["error"])
         # Unchanged files are not reread (or re-logged) on every poll.
         self.clock.advance(5.1)

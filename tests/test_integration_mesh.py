@@ -209,6 +209,121 @@ class MeshTests(TestCase):
         self.assertEqual(status, 200)
 
 
+ALPN = "transport.l5d.io/v1"
+
+
+class AlpnTests(TestCase):
+    """
+    ALPN C{transport.l5d.io/v1} between two real proxies, and against C{openssl s_client}, a client this project
+    did not write.
+    """
+
+    def test_negotiated_between_two_proxies(self):
+        """
+        A offers C{transport.l5d.io/v1}, B selects it, A writes the transport header and B reads it (both say so
+        in their debug logs), and requests flow: HTTP/1 (session protocol http1) and opaque TCP (none), each to
+        the target port the header names.
+        """
+        app = TcpServer(self, echo_client_id)
+        echo = TcpServer(self, _echo)
+        debug = {"log_level": "debug"}
+        mesh = Mesh(self, app.port, b_config=debug, a_config=debug)
+        with open(mesh.endpoints) as f:
+            doc = yaml.safe_load(f)
+        doc["services"]["web.default:9000"][0]["addr"] = f"127.0.0.1:{echo.port}"
+        with open(mesh.endpoints + ".tmp", "w") as f:
+            yaml.safe_dump(doc, f)
+        os.replace(mesh.endpoints + ".tmp", mesh.endpoints)
+        time.sleep(1.5)  # the file is polled every second
+        status, _, body = mesh.get()
+        self.assertEqual((status, body), (200, b"client-id=" + CLIENT.encode()))
+        import socket
+        with socket.create_connection(("127.0.0.1", mesh.tcp_route), timeout=10) as s:
+            s.sendall(b"opaque")
+            self.assertEqual(recv_exactly(s, 6), b"opaque")
+
+        b_inbound = mesh.b.ports["inbound"]
+        wait_for(lambda: mesh.a.log().count(f"mTLS to {WEB} at 127.0.0.1:{b_inbound}: ALPN {ALPN}, "
+                                            f"transport header sent") == 2,
+                 what="A to log two connections with the ALPN negotiated")
+        wait_for(lambda: mesh.b.log().count(f"mTLS from {CLIENT}: ALPN {ALPN}") == 2,
+                 what="B to log two connections with the ALPN negotiated")
+        log = mesh.b.log()
+        self.assertIn(f"transport header from {CLIENT}: "
+                      f"TransportHeader(port={app.port}, name='', session_protocol='http1')", log)
+        self.assertIn(f"transport header from {CLIENT}: "
+                      f"TransportHeader(port={echo.port}, name='', session_protocol=None)", log)
+        self.assertNotIn("ALPN none", log + mesh.a.log())
+        self.assertIsNone(mesh.b.metric("tcp_protocol_error_total", protocol="transport_header"))
+
+    def s_client(self, port, own, data, alpn=ALPN, until=b"client-id="):
+        """
+        Run C{openssl s_client} against B's inbound port with the client certificate in C{own}, send C{data},
+        and return its output once it contains C{until} (or once it ends).
+        """
+        path = lambda name: os.path.join(own, name)  # noqa: E731
+        argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", WEB, "-verify_hostname",
+                WEB, "-verify_return_error", "-tls1_3", "-cert", path("cert.pem"), "-cert_chain", path("cert.pem"),
+                "-key", path("key.pem"), "-CAfile", path("ca.pem"), "-ign_eof"]
+        if alpn:
+            argv += ["-alpn", alpn]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.kill)
+        out = bytearray()
+        reader = threading.Thread(target=lambda: [out.extend(chunk) for chunk in iter(
+            lambda: proc.stdout.read1(65536), b"")], daemon=True)
+        reader.start()
+        proc.stdin.write(data)
+        proc.stdin.close()
+        wait_for(lambda: until in out or proc.poll() is not None, timeout=15, what=f"openssl to print {until!r}")
+        proc.kill()
+        reader.join(5)
+        return bytes(out)
+
+    def test_s_client(self):
+        """
+        openssl s_client offering C{transport.l5d.io/v1} gets it selected by a real proxy, whose inbound side
+        then reads the header it sends and answers the request after it. Without the header, the same client is
+        refused and counted as C{error="missing"}; without the ALPN, a header is still read (a linkproxy
+        from before the ALPN).
+        """
+        if shutil.which("openssl") is None:
+            raise SkipTest("openssl is not installed")
+        app = TcpServer(self, echo_client_id)
+        domain = trust_domain(self)
+        b = Proxy(self, {"app": f"tcp:host=127.0.0.1:port={app.port}", "identity_dir": domain,
+                         "identity_name": WEB})
+        port = b.ports["inbound"]
+        tester = f"tester.default.serviceaccount.identity.{TRUST_DOMAIN}"
+        # s_client's certificate in a directory of its own: the proxy's identity directory must hold no leaf.
+        own = os.path.abspath(self.mktemp())
+        shutil.copytree(domain, own)
+        identity_cli("issue", own, tester)
+        tester = tester.encode()
+        request = b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+        from linkproxy.core import transport_header
+        header = transport_header.encode(app.port, session_protocol="http1")
+
+        out = self.s_client(port, own, header + request)
+        self.assertIn(f"ALPN protocol: {ALPN}".encode(), out)
+        self.assertIn(b"client-id=" + tester, out)
+
+        accepted = app.accepted
+        out = self.s_client(port, own, request, until=b"\nclosed")
+        self.assertIn(f"ALPN protocol: {ALPN}".encode(), out)
+        self.assertNotIn(b"HTTP/1.1 200", out)
+        wait_for(lambda: b.metric("tcp_protocol_error_total", direction="inbound", protocol="transport_header",
+                                  error="missing") == 1,
+                 what="B to count the missing transport header")
+        self.assertEqual(app.accepted, accepted)
+
+        out = self.s_client(port, own, header + request, alpn=None)
+        self.assertIn(b"No ALPN negotiated", out)
+        self.assertIn(b"client-id=" + tester, out)
+
+
 class RefusalTests(TestCase):
     """
     Each way the mesh can be wrong is refused, and counted.

@@ -179,3 +179,55 @@ class TapTests(TestCase):
         grown = rss_kib(self.proxy.process.pid) - before
         self.assertLess(grown, 8 * 1024, f"RSS grew by {grown} KiB")
         self.assertLess(watched, unwatched * 2, f"{watched:.3f}s per 1000 watched vs {unwatched:.3f}s")
+
+
+class AccessLogTests(TestCase):
+    """
+    C{--access-log} through a real proxy: one line per request in the chosen format, to the chosen file.
+    """
+
+    def run_proxy(self, fmt):
+        curl = shutil.which("curl")
+        if curl is None:
+            raise SkipTest("curl is not installed")
+        web = Backend(self, "http", "web")
+        endpoints = os.path.abspath(self.mktemp())
+        write_atomically(endpoints, endpoints_yaml({"web.test:80": [web]}))
+        log_path = os.path.abspath(self.mktemp())
+        proxy = Proxy(self, {"discovery": f"file:{endpoints}", "app": f"tcp:127.0.0.1:{web.port}",
+                             "access_log": fmt, "access_log_file": log_path})
+        for path in ("/a", "/b?c=1"):
+            subprocess.run([curl, "-sS", "-o", "/dev/null", "--max-time", "10", "-H", "Host: web.test",
+                            f"http://127.0.0.1:{proxy.ports['outbound']}{path}"], timeout=20, check=True)
+        subprocess.run([curl, "-sS", "-o", "/dev/null", "--max-time", "10", proxy.url("inbound", "/in")],
+                       timeout=20, check=True)
+
+        def lines():
+            with open(log_path) as f:
+                return f.read().splitlines()
+
+        wait_for(lambda: len(lines()) >= 3, timeout=5, what="three access-log lines")
+        proxy.stop()
+        return lines()
+
+    def test_json(self):
+        """
+        C{json}: one object per request with client address, method, authority, path, status, bytes and
+        duration.
+        """
+        records = [json.loads(line) for line in self.run_proxy("json")]
+        self.assertEqual([(r["direction"], r["method"], r["path"], r["status"]) for r in records],
+                         [("outbound", "GET", "/a", 200), ("outbound", "GET", "/b?c=1", 200),
+                          ("inbound", "GET", "/in", 200)])
+        self.assertEqual(records[0]["authority"], "web.test:80")
+        self.assertEqual(records[0]["client_addr"], "127.0.0.1")
+        self.assertEqual(records[0]["response_bytes"], 3)
+        self.assertGreater(records[0]["duration_ms"], 0)
+
+    def test_apache(self):
+        """
+        C{apache}: the Common Log Format line, then the authority and the duration.
+        """
+        lines = self.run_proxy("apache")
+        self.assertEqual(len(lines), 3)
+        self.assertRegex(lines[0], r'^127\.0\.0\.1 - - \[[^]]+\] "GET /a HTTP/1\.1" 200 3 web\.test:80 [0-9.]+ms$')

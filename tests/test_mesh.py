@@ -11,10 +11,11 @@ from twisted.internet import defer, protocol
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import TimeoutError
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -31,9 +32,14 @@ from linkproxy.interfaces import IRouter
 from linkproxy.net.connect import Connector
 from linkproxy.net.context import PLAIN, PeerInfo
 from linkproxy.net.authz import AuthorizingRouter, authz_metrics
-from linkproxy.net.mesh import MeshConnector, MeshServer, tls_error_label
+from linkproxy.net.mesh import TRANSPORT_HEADER_ALPN, MeshConnector, MeshServer, tls_error_label
 from linkproxy.net.sniff import SniffingProtocol
-from linkproxy.net.tls import IdentityNotReady, PeerIdentityMismatch, client_connection_creator
+from linkproxy.net.tls import (
+    IdentityNotReady,
+    PeerIdentityMismatch,
+    client_connection_creator,
+    server_context_factory,
+)
 from linkproxy.net.tcp import opaque_proxy
 from linkproxy.routing import FixedRouter
 from linkproxy.runtime import Runtime
@@ -184,19 +190,21 @@ class MeshHelpers:
 
     @defer.inlineCallbacks
     def listen(self, store, require_client_cert=True, header_timeout=5.0, handshake_timeout=5.0, app=None,
-               any_sni=False, hand_to=None):
+               any_sni=False, hand_to=None, alpn=None):
         """
         An inbound listener on 127.0.0.1: detection, then L{MeshServer} for our SNI, then an L{App}.
 
         @param any_sni: terminate TLS whatever the SNI (a misconfigured or impostor proxy).
         @param hand_to: C{(peer, header) -> IProtocol} to use instead of making an app protocol.
         @param app: makes the app protocol; default: an upper-casing echo answering EOF.
+        @param alpn: the L{MeshServer}'s C{alpn}; C{()} stands in for a linkproxy from before ALPN.
         @return: the port, with C{accepted} (sniffers), C{ready} (C{(peer, header)} per hand-over), C{apps}
             and C{mesh}.
         """
+        kwargs = {} if alpn is None else {"alpn": alpn}
         mesh = MeshServer(store, metrics=self.metrics, reactor=self.reactor,
                           require_client_cert=require_client_cert, header_timeout=header_timeout,
-                          handshake_timeout=handshake_timeout)
+                          handshake_timeout=handshake_timeout, **kwargs)
         ready, apps, other = [], [], []
         make_app = app or (lambda: App(echo=True, answer_eof=True))
 
@@ -250,6 +258,16 @@ class MeshHelpers:
                 app.transport.abortConnection()
                 return app.lost
         self.addCleanup(abort)
+        return app
+
+    @defer.inlineCallbacks
+    def tls_client(self, port, creator, greeting):
+        """
+        Connect a TLS client that writes C{greeting} after the handshake (a header, if the test wants one).
+        """
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port.getHost().port)
+        app = self.track(App(greeting=greeting))
+        yield connectProtocol(wrapClientTLS(creator, endpoint), app)
         return app
 
     @defer.inlineCallbacks
@@ -473,6 +491,9 @@ class OutboundToInboundTests(MeshHelpers, TestCase):
         self.assertEqual(new_cert, server.current.leaf)
         self.assertNotEqual(new_cert.serial_number, old_serial)
         self.assertEqual(port.ready[1][0].client_id, API)
+        # The contexts of the new generation negotiate the ALPN too, so the header still comes.
+        self.assertEqual(new.transport.negotiatedProtocol, TRANSPORT_HEADER_ALPN)
+        self.assertEqual(port.ready[1][1], TransportHeader(8080, "", None))
 
         old.transport.write(b"still")
         yield old.wait_for(b"ONESTILL")
@@ -574,16 +595,6 @@ class RefusalTests(MeshHelpers, TestCase):
         return optionsForClientTLS(WEB, trustRoot=anchor)
 
     @defer.inlineCallbacks
-    def tls_client(self, port, creator, greeting):
-        """
-        Connect a plain TLS client (no transport header) with C{creator}, sending C{greeting} first.
-        """
-        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port.getHost().port)
-        app = self.track(App(greeting=greeting))
-        yield connectProtocol(wrapClientTLS(creator, endpoint), app)
-        return app
-
-    @defer.inlineCallbacks
     def test_no_client_certificate_required(self):
         """
         Under C{require_client_cert}, a TLS client without a certificate is refused and counted as
@@ -616,8 +627,8 @@ class RefusalTests(MeshHelpers, TestCase):
     @defer.inlineCallbacks
     def test_silent_client_continues_without_header(self):
         """
-        A client that completes the handshake and says nothing is handed over without a header when the
-        header timeout passes (the server may speak first).
+        A client that offers no ALPN, completes the handshake and says nothing is handed over without a
+        header when the header timeout passes (the server may speak first).
         """
         domain = self.trust_domain()
         port = yield self.listen(self.store(domain, WEB), header_timeout=0.2,
@@ -632,7 +643,8 @@ class RefusalTests(MeshHelpers, TestCase):
     @defer.inlineCallbacks
     def test_header_in_pieces(self):
         """
-        A header that arrives split across TLS records is reassembled, and the bytes after it are the app's.
+        A header that arrives split across TLS records (no ALPN) is reassembled, and the bytes after it are
+        the app's.
         """
         domain = self.trust_domain()
         port = yield self.listen(self.store(domain, WEB))
@@ -650,7 +662,8 @@ class RefusalTests(MeshHelpers, TestCase):
     @defer.inlineCallbacks
     def test_preface_lookalike_is_not_a_header(self):
         """
-        Plaintext that starts like the preface and then diverges is no header: every byte reaches the app.
+        Without ALPN, plaintext that starts like the preface and then diverges is no header: every byte
+        reaches the app.
         """
         domain = self.trust_domain()
         port = yield self.listen(self.store(domain, WEB))
@@ -802,6 +815,255 @@ class RefusalTests(MeshHelpers, TestCase):
         self.assertEqual(self.errors(metrics=self.client_metrics, direction="outbound"), {})
 
 
+class AlpnTests(MeshHelpers, TestCase):
+    """
+    ALPN C{transport.l5d.io/v1} decides whether the transport header is written and read, as in
+    linkerd2-proxy; a linkproxy from before it (offering and selecting no ALPN) is stood in for by a client
+    creator without ALPN that writes the header itself, and by a L{MeshServer} with C{alpn=()}.
+    """
+
+    def old_client(self, store):
+        """
+        TLS as a linkproxy from before the ALPN made it as a client: the mesh's certificate and SNI, no ALPN.
+        """
+        return client_connection_creator(store, WEB)
+
+    def alpn_client(self, store, alpn=(TRANSPORT_HEADER_ALPN,)):
+        """
+        TLS as the connector makes it (ALPN offered), for a client that then writes what the test says.
+        """
+        return client_connection_creator(store, WEB, alpn=alpn)
+
+    @defer.inlineCallbacks
+    def test_new_to_new(self):
+        """
+        Between two linkproxies, the connector offers C{transport.l5d.io/v1}, the server selects it, both
+        ends see it negotiated, and the header is written and read: the server learns port and session
+        protocol, and the app gets exactly the client's bytes after it.
+        """
+        domain = self.trust_domain()
+        port = yield self.listen(self.store(domain, WEB))
+        app = self.track(App(greeting=b"GET / HTTP/1.1\r\n\r\n"))
+        yield self.connector(self.store(domain, API)).connect(self.endpoint(port, app_port=8081), app, "http1")
+        yield app.wait_for(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(app.transport.negotiatedProtocol, b"transport.l5d.io/v1")
+        self.assertEqual(port.apps[0].transport.negotiatedProtocol, b"transport.l5d.io/v1")
+        self.assertEqual(port.ready, [(PeerInfo(tls="true", client_id=API, server_id=WEB),
+                                       TransportHeader(8081, "", "http1"))])
+        self.assertEqual(port.apps[0].received, b"GET / HTTP/1.1\r\n\r\n")
+        app.transport.loseConnection()
+        yield app.lost
+        yield self.gone(port)
+        self.assertEqual(self.errors(protocol_="transport_header"), {})
+
+    @defer.inlineCallbacks
+    def test_connector_offers_only_transport_alpn(self):
+        """
+        The connector's ClientHello offers exactly one ALPN protocol, C{transport.l5d.io/v1}.
+        """
+        domain = self.trust_domain()
+        contexts = server_context_factory(self.store(domain, WEB), require_client_cert=True)
+        offers = []
+        contexts.getContext().set_alpn_select_callback(lambda conn, offered: offers.append(offered) or offered[0])
+        apps = []
+        server = protocol.Factory()
+        server.buildProtocol = lambda addr: apps.append(App(echo=True)) or apps[-1]
+        port = yield TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(
+            TLSMemoryBIOFactory(contexts, False, server))
+        self.addCleanup(port.stopListening)
+        app = self.track(App(greeting=b"x"))
+        yield self.connector(self.store(domain, API)).connect(self.endpoint(port), app, None)
+        # The server selected what was offered, so the header came first.
+        yield app.wait_for(transport_header.encode(8080).upper() + b"X")
+        self.assertEqual(offers, [[b"transport.l5d.io/v1"]])
+        app.transport.loseConnection()
+        yield defer.gatherResults([app.lost, apps[0].lost])
+
+    @defer.inlineCallbacks
+    def test_new_client_to_old_server(self):
+        """
+        A server that selects no ALPN (a linkproxy from before it) negotiates nothing, so the connector
+        writes no header, as linkerd2-proxy does: the server gets the client's bytes from the first one and
+        takes the stream as a client without a header (it then detects the protocol and uses its configured
+        app address).
+        """
+        domain = self.trust_domain()
+        port = yield self.listen(self.store(domain, WEB), alpn=())
+        app = self.track(App(greeting=b"GET / HTTP/1.1\r\n\r\n"))
+        yield self.connector(self.store(domain, API)).connect(self.endpoint(port), app, "http1")
+        yield app.wait_for(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertIsNone(app.transport.negotiatedProtocol)
+        self.assertEqual(port.ready, [(PeerInfo(tls="true", client_id=API, server_id=WEB), None)])
+        self.assertEqual(port.apps[0].received, b"GET / HTTP/1.1\r\n\r\n")
+        app.transport.loseConnection()
+        yield app.lost
+        yield self.gone(port)
+        self.assertEqual(self.errors(protocol_="transport_header"), {})
+
+    @defer.inlineCallbacks
+    def test_old_client_to_new_server(self):
+        """
+        A client that offers no ALPN and writes the header anyway (a linkproxy from before ALPN) is still
+        understood: nothing is negotiated, the header is recognised by its preface and read.
+        """
+        domain = self.trust_domain()
+        port = yield self.listen(self.store(domain, WEB))
+        wire = transport_header.encode(9090, session_protocol="http2") + b"payload"
+        app = yield self.tls_client(port, self.old_client(self.store(domain, API)), wire)
+        yield app.wait_for(b"PAYLOAD")
+        self.assertIsNone(app.transport.negotiatedProtocol)
+        self.assertIsNone(port.apps[0].transport.negotiatedProtocol)
+        self.assertEqual(port.ready, [(PeerInfo(tls="true", client_id=API, server_id=WEB),
+                                       TransportHeader(9090, "", "http2"))])
+        self.assertEqual(port.apps[0].received, b"payload")
+        app.transport.loseConnection()
+        yield app.lost
+        yield self.gone(port)
+
+    @defer.inlineCallbacks
+    def test_old_client_without_header_to_new_server(self):
+        """
+        Without ALPN, a client that sends no header is still served as before: its bytes are the stream.
+        """
+        domain = self.trust_domain()
+        port = yield self.listen(self.store(domain, WEB))
+        app = yield self.tls_client(port, self.old_client(self.store(domain, API)), b"GET / HTTP/1.1\r\n\r\n")
+        yield app.wait_for(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(port.ready, [(PeerInfo(tls="true", client_id=API, server_id=WEB), None)])
+        app.transport.loseConnection()
+        yield app.lost
+        yield self.gone(port)
+
+    @defer.inlineCallbacks
+    def test_other_alpn_is_served_as_none(self):
+        """
+        A client that offers only other protocols negotiates none, and is served like a client offering
+        none: no header needed.
+        """
+        domain = self.trust_domain()
+        port = yield self.listen(self.store(domain, WEB))
+        app = yield self.tls_client(port, self.alpn_client(self.store(domain, API), (b"h2", b"http/1.1")),
+                                    b"PRI * HTTP/2.0")
+        yield app.wait_for(b"PRI * HTTP/2.0")
+        self.assertIsNone(app.transport.negotiatedProtocol)
+        self.assertEqual(port.ready[0][1], None)
+        app.transport.loseConnection()
+        yield app.lost
+        yield self.gone(port)
+
+    @defer.inlineCallbacks
+    def refused_after_alpn(self, port, greeting, label):
+        """
+        Connect offering the ALPN, send C{greeting}, and expect the server to negotiate it, hand nothing over,
+        close the connection and count C{label}.
+        """
+        app = yield self.tls_client(port, self.alpn_client(self.store(self.domain, API)), greeting)
+        yield app.lost
+        yield self.gone(port)
+        self.assertEqual(app.received, b"")
+        self.assertEqual(port.ready, [])
+        self.assertEqual(port.apps, [])
+        self.assertEqual(self.errors(protocol_="transport_header"), {label: 1.0})
+        self.assertEqual(self.errors(), {})
+
+    @defer.inlineCallbacks
+    def test_alpn_without_header_refused(self):
+        """
+        A client that negotiated C{transport.l5d.io/v1} promised a header: plaintext that is not one is
+        refused at once, and counted as C{error="missing"}.
+        """
+        self.domain = self.trust_domain()
+        port = yield self.listen(self.store(self.domain, WEB))
+        yield self.refused_after_alpn(port, b"GET / HTTP/1.1\r\n\r\n", "missing")
+
+    @defer.inlineCallbacks
+    def test_alpn_silent_client_refused(self):
+        """
+        After negotiating the ALPN, saying nothing until the header timeout is refused as C{missing} (without
+        the ALPN, the same client would be handed over, the server may speak first).
+        """
+        self.domain = self.trust_domain()
+        port = yield self.listen(self.store(self.domain, WEB), header_timeout=0.2)
+        yield self.refused_after_alpn(port, b"", "missing")
+
+    @defer.inlineCallbacks
+    def eof_after_alpn(self, data, label):
+        """
+        Negotiate the ALPN, send C{data}, close (close_notify), and expect a refusal counted as C{label}.
+        """
+        self.domain = self.trust_domain()
+        port = yield self.listen(self.store(self.domain, WEB))
+
+        @implementer(IHandshakeListener)
+        class Closer(App):
+            """
+            Sends C{data} and closes as soon as its handshake is done (close_notify follows the data).
+            """
+
+            def handshakeCompleted(self):
+                if data:
+                    self.transport.write(data)
+                self.transport.loseConnection()
+
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port.getHost().port)
+        app = self.track(Closer())
+        yield connectProtocol(wrapClientTLS(self.alpn_client(self.store(self.domain, API)), endpoint), app)
+        yield app.lost
+        yield self.gone(port)
+        self.assertEqual(port.ready, [])
+        self.assertEqual((self.errors(protocol_="transport_header"), self.errors()), ({label: 1.0}, {}))
+
+    def test_alpn_eof_without_header_refused(self):
+        """
+        After negotiating the ALPN, closing without a byte is refused as C{missing}.
+        """
+        return self.eof_after_alpn(b"", "missing")
+
+    def test_alpn_eof_in_preface_refused(self):
+        """
+        After negotiating the ALPN, closing after part of the preface is refused as C{incomplete} (without the
+        ALPN, those bytes would be handed over as the stream).
+        """
+        return self.eof_after_alpn(b"transport.", "incomplete")
+
+    @defer.inlineCallbacks
+    def test_alpn_partial_preface_refused(self):
+        """
+        After negotiating the ALPN, a few bytes of the preface and then nothing are refused as C{incomplete}
+        when the header timeout passes (without the ALPN they would be handed over as the stream).
+        """
+        self.domain = self.trust_domain()
+        port = yield self.listen(self.store(self.domain, WEB), header_timeout=0.2)
+        yield self.refused_after_alpn(port, b"transport.", "incomplete")
+
+    @defer.inlineCallbacks
+    def test_alpn_malformed_header_refused(self):
+        """
+        After negotiating the ALPN, a malformed header is refused as C{malformed}, as without it.
+        """
+        self.domain = self.trust_domain()
+        port = yield self.listen(self.store(self.domain, WEB))
+        yield self.refused_after_alpn(port, transport_header.PREFACE + b"\xff\xff\xff\xff", "malformed")
+
+    @defer.inlineCallbacks
+    def test_alpn_header_in_pieces(self):
+        """
+        After negotiating the ALPN, a header split across records is reassembled as without it.
+        """
+        domain = self.trust_domain()
+        port = yield self.listen(self.store(domain, WEB))
+        wire = transport_header.encode(7000, "web", "http2") + b"payload"
+        app = yield self.tls_client(port, self.alpn_client(self.store(domain, API)), wire[:3])
+        for i in range(3, len(wire), 7):
+            yield deferLater(self.reactor, 0.01, lambda: None)
+            app.transport.write(wire[i:i + 7])
+        yield app.wait_for(b"PAYLOAD")
+        self.assertEqual(port.ready[0][1], TransportHeader(7000, "web", "http2"))
+        app.transport.loseConnection()
+        yield app.lost
+        yield self.gone(port)
+
+
 class SynchronousMeshTests(MeshHelpers, SynchronousTestCase):
     """
     The parts that need no sockets.
@@ -837,6 +1099,12 @@ class SynchronousMeshTests(MeshHelpers, SynchronousTestCase):
         store = self.store(self.trust_domain(), API)
         endpoint = Endpoint(address=("127.0.0.1", 80), identity=WEB, proxy=("127.0.0.1", 4143))
         self.failureResultOf(MeshConnector(store, Clock(), 1.0).connect(endpoint, App(), "h3"), ValueError)
+
+    def test_alpn_names_the_preface(self):
+        """
+        The ALPN protocol is the transport header's preface without its blank line.
+        """
+        self.assertEqual(TRANSPORT_HEADER_ALPN + b"\r\n\r\n", transport_header.PREFACE)
 
     def test_error_labels(self):
         """

@@ -377,3 +377,36 @@ class H2RetryTests(SynchronousTestCase):
         self.assertEqual(sorted(backend.streams), [1, 3])
         self.assertEqual(h.client.streams[sid].trailers.get(b"grpc-status"), b"0")
         h.assert_clean(self)
+
+
+class TlsCloseTests(SynchronousTestCase):
+    """
+    Closing an HTTP/1 connection after a response works over TLS too, whose transport holds a close while a
+    producer is registered (Twisted's TLSMemoryBIOProtocol does).
+    """
+
+    def test_connection_close_over_tls(self):
+        """
+        A request with C{Connection: close} on a TLS-like transport: after the response the connection
+        closes (the producer is unregistered first).
+        """
+        from twisted.internet.testing import StringTransport
+        from linkproxy.net.http1 import Http1ServerProtocol
+
+        class TlsLikeTransport(StringTransport):
+            def loseConnection(self):
+                if self.producer is None:
+                    StringTransport.loseConnection(self)
+
+        h = _harness()
+        server = Http1ServerProtocol(h.settings)
+        transport = TlsLikeTransport()
+        server.makeConnection(transport)
+        server.dataReceived(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        h.up().dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"))
+        self.assertTrue(transport.disconnecting)
+
+
+def _harness():
+    return _Harness()

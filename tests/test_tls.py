@@ -46,6 +46,7 @@ class Greeter(protocol.Protocol):
     def handshakeCompleted(self):
         self.handshake_done = True
         self.peer = peer_identity(self.transport)
+        self.alpn = self.transport.negotiatedProtocol
 
     def dataReceived(self, data):
         for _ in range(data.count(b"\n")):
@@ -136,14 +137,15 @@ class TLSHelpers:
         return store
 
     @defer.inlineCallbacks
-    def listen(self, server_store, require_client_cert=True):
+    def listen(self, server_store, require_client_cert=True, alpn=()):
         """
         Listen on 127.0.0.1 with the server context; returns the port, whose factory records connections.
         """
         factory = protocol.Factory.forProtocol(Greeter)
         factory.connections = []
         tls = TLSMemoryBIOFactory(
-            server_context_factory(server_store, require_client_cert=require_client_cert), False, factory)
+            server_context_factory(server_store, require_client_cert=require_client_cert, alpn=alpn), False,
+            factory)
         port = yield TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(tls)
         self.addCleanup(port.stopListening)
         port.greeters = factory.connections
@@ -353,6 +355,52 @@ class TLSTests(TLSHelpers, TestCase):
         self.assertEqual((yield old.ping()), b"hello " + API.encode())
         yield self.close(port, old, new)
 
+    @defer.inlineCallbacks
+    def alpn_handshake(self, client_alpn, server_alpn):
+        """
+        Complete an mTLS handshake with C{client_alpn} offered and C{server_alpn} selectable.
+
+        @return: what the client and the server each see negotiated.
+        """
+        domain = self.trust_domain()
+        port = yield self.listen(self.store(domain, WEB), alpn=server_alpn)
+        caller = yield self.connect(port, client_connection_creator(self.store(domain, API), WEB,
+                                                                    alpn=client_alpn))
+        self.assertEqual((yield caller.answer()), b"hello " + API.encode())
+        negotiated = (caller.transport.negotiatedProtocol, port.greeters[0].alpn)
+        yield self.close(port, caller)
+        return negotiated
+
+    @defer.inlineCallbacks
+    def test_alpn_off_by_default(self):
+        """
+        By default the contexts neither offer nor select an ALPN protocol.
+        """
+        self.assertEqual((yield self.alpn_handshake((), ())), (None, None))
+        # A server that selects nothing ignores what a client offers.
+        self.assertEqual((yield self.alpn_handshake((b"transport.l5d.io/v1",), ())), (None, None))
+
+    @defer.inlineCallbacks
+    def test_alpn_negotiated(self):
+        """
+        A protocol the client offers and the server selects is negotiated, and both ends see it.
+        """
+        self.assertEqual((yield self.alpn_handshake((b"transport.l5d.io/v1",), (b"transport.l5d.io/v1",))),
+                         (b"transport.l5d.io/v1", b"transport.l5d.io/v1"))
+        # The server picks by its own preference among what is offered.
+        self.assertEqual((yield self.alpn_handshake((b"h2", b"transport.l5d.io/v1"), (b"transport.l5d.io/v1",))),
+                         (b"transport.l5d.io/v1", b"transport.l5d.io/v1"))
+
+    @defer.inlineCallbacks
+    def test_alpn_no_overlap_is_not_refused(self):
+        """
+        A client that offers only protocols the server does not select, or none, completes the handshake
+        with no protocol negotiated (no alert).
+        """
+        self.assertEqual((yield self.alpn_handshake((b"h2", b"http/1.1"), (b"transport.l5d.io/v1",))),
+                         (None, None))
+        self.assertEqual((yield self.alpn_handshake((), (b"transport.l5d.io/v1",))), (None, None))
+
     def test_contexts_cached_per_generation(self):
         """
         Client creators for different servers share one context per store generation, as does the
@@ -367,6 +415,12 @@ class TLSTests(TLSHelpers, TestCase):
         self.assertIsNot(first, second)
         self.assertIs(first.get_context(), second.get_context())
         self.assertIs(server.getContext(), server.getContext())
+        # One client context per ALPN list, too.
+        alpn = client_connection_creator(store, API, alpn=(b"transport.l5d.io/v1",))
+        self.assertIsNot(alpn.clientConnectionForTLS(None).get_context(), first.get_context())
+        self.assertIs(alpn.clientConnectionForTLS(None).get_context(),
+                      client_connection_creator(store, API, alpn=[b"transport.l5d.io/v1"])
+                      .clientConnectionForTLS(None).get_context())
         before = (first.get_context(), server.getContext())
 
         store.clock.advance(0.7 * DAY)

@@ -11,9 +11,16 @@ Routes:
     - C{GET /metrics}: Prometheus text exposition of the metrics registry.
     - C{GET /env.json}: the (already redacted) effective configuration.
     - C{GET /proxy-log-level}, C{PUT /proxy-log-level}: read or change the runtime log level.
-    - C{POST /shutdown}: from a loopback (or UNIX socket) client only, start a graceful drain and exit.
-    - C{GET /tap}: from a loopback client only, finished requests as server-sent events (L{linkproxy.admin.tap}).
+    - C{POST /shutdown}: start a graceful drain and exit.
+    - C{GET /tap}: finished requests as server-sent events (L{linkproxy.admin.tap}).
     - C{GET /dashboard} and below: the live dashboard (L{linkproxy.admin.dashboard}).
+
+Only C{GET} (and C{HEAD}) of C{/live}, C{/ready}, C{/metrics}, C{/env.json} and C{/proxy-log-level} answer every
+client, so that the admin listener can bind the pod IP for Kubernetes probes and scrapes. Every other route
+(C{PUT /proxy-log-level}, C{POST /shutdown}, C{/tap}, and any route added later, such as C{/dashboard})
+answers only clients on this host: loopback addresses and UNIX sockets; others get 403. The check is made in
+L{AdminKlein.execute_endpoint}, for every route of the app, so a new route is private unless it is added to
+L{PUBLIC}.
 """
 
 import ipaddress
@@ -29,6 +36,13 @@ from linkproxy.admin.loglevel import LEVEL_NAMES
 
 TEXT_PLAIN = b"text/plain; charset=utf-8"
 APPLICATION_JSON = b"application/json"
+
+#: C{(method, path)} pairs answered for any client; every other route answers local clients only.
+PUBLIC = frozenset((method, path) for method in (b"GET", b"HEAD")
+                   for path in (b"/live", b"/ready", b"/metrics", b"/env.json", b"/proxy-log-level"))
+
+# Refusals are logged at most this often per route, so a scanner on the pod network cannot fill the log.
+_REFUSAL_LOG_INTERVAL = 60.0
 
 # A level name is a few bytes; anything longer is not one, and we would rather not echo it back.
 _MAX_LEVEL_BODY = 64
@@ -76,6 +90,25 @@ def _text(request, code, body):
     return body.encode("utf-8")
 
 
+class AdminKlein(Klein):
+    """
+    A L{Klein} whose routes answer only local clients (L{is_local_client}), except the pairs in L{PUBLIC}.
+
+    The check sits where Klein calls a matched route, so it covers every route of the app, including ones
+    added after this was written; unknown paths and wrong methods still get their 404 and 405. A refusal is
+    reported to the bound instance's C{_refused(endpoint, request)}, when it has one (L{AdminApp} logs it).
+    """
+
+    def execute_endpoint(self, endpoint, request, *args, **kwargs):
+        if (request.method, request.path) not in PUBLIC and not is_local_client(request.getClientAddress()):
+            refused = getattr(self._instance, "_refused", None)
+            if refused is not None:
+                refused(endpoint, request)
+            return _text(request, 403, "{} is only answered for clients on this host (localhost)\n".format(
+                request.path.decode("ascii", "replace")))
+        return super().execute_endpoint(endpoint, request, *args, **kwargs)
+
+
 class AdminApp:
     """
     The admin Klein application, with its collaborators injected.
@@ -83,7 +116,7 @@ class AdminApp:
     @cvar app: the routes; C{AdminApp(...).app.resource()} is the resource to serve.
     """
 
-    app = Klein()
+    app = AdminKlein()
     log = Logger(namespace="linkproxy.admin")
 
     def __init__(self, *, metrics, readiness, config_dump, log_level, shutdown, reactor, tap=None,
@@ -113,6 +146,21 @@ class AdminApp:
             from linkproxy.admin.dashboard import Dashboard
             dashboard = Dashboard(metrics, reactor=reactor)
         self._dashboard = dashboard
+        self._refusals_logged = {}
+
+    def _refused(self, endpoint, request):
+        """
+        Log a refused non-local request, once per route per L{_REFUSAL_LOG_INTERVAL}.
+        """
+        now = self._reactor.seconds()
+        last = self._refusals_logged.get(endpoint)
+        if last is not None and now - last < _REFUSAL_LOG_INTERVAL:
+            return
+        self._refusals_logged[endpoint] = now
+        client = request.getClientAddress()
+        self.log.warn("refused {method} {path} from non-local client {client}",
+                      method=request.method.decode("ascii", "replace"), path=request.path.decode("ascii", "replace"),
+                      client=getattr(client, "host", None) or repr(client))
 
     @app.route("/live", methods=["GET"])
     def live(self, request):
@@ -166,11 +214,7 @@ class AdminApp:
 
     @app.route("/shutdown", methods=["POST"])
     def shutdown(self, request):
-        """Start a graceful shutdown, for local clients only."""
-        client = request.getClientAddress()
-        if not is_local_client(client):
-            self.log.warn("refused shutdown from non-local client {client}", client=client)
-            return _text(request, 403, "shutdown is only accepted from localhost\n")
+        """Start a graceful shutdown (local clients only, as every non-public route)."""
         if not self._shutdown_requested:
             self._shutdown_requested = True
             self.log.info("shutdown requested via admin server")
@@ -184,8 +228,7 @@ class AdminApp:
         """Finished requests as server-sent events, for local clients only (see L{linkproxy.admin.tap})."""
         from linkproxy.admin.tap import TapFilterError, TapStream, parse_filters
 
-        if not is_local_client(request.getClientAddress()):
-            return _text(request, 403, "tap is only served to localhost\n")
+        # Local clients only: the app-wide rule (routes are private unless listed as public) applies.
         if self._tap is None:
             return _text(request, 404, "not found\n")
         try:

@@ -147,6 +147,7 @@ class Watch:
                           count=len(endpoints), limit=cache.max_endpoints)
                 self._truncated = True
             endpoints = endpoints[:cache.max_endpoints]
+        _log_change(cache.backend, self.target, self.endpoints, endpoints)
         self.endpoints = endpoints
         self.updates += 1
         if cache._metrics is not None:
@@ -156,6 +157,24 @@ class Watch:
                 subscription.receiver.reset(endpoints)
             except Exception:
                 _log.failure("subscriber of {target} failed on an update", target=self.target)
+
+
+def _log_change(backend, target, old, new):
+    """
+    Log a target's new endpoint set at info, when it differs from the one before: once per change, not once
+    per update (a DNS poll that finds the same addresses says nothing).
+    """
+    before = {e.address: e for e in old} if old is not None else {}
+    after = {e.address: e for e in new}
+    added = len(after.keys() - before.keys())
+    removed = len(before.keys() - after.keys())
+    changed = sum(1 for address in after.keys() & before.keys() if after[address] != before[address])
+    if old is None:
+        _log.info("{target}: discovered {count} endpoints ({backend})", target=target, count=len(new),
+                  added=added, removed=removed, changed=changed, backend=backend)
+    elif added or removed or changed:
+        _log.info("{target}: {count} endpoints ({added} added, {removed} removed, {changed} changed)",
+                  target=target, count=len(new), added=added, removed=removed, changed=changed, backend=backend)
 
 
 class ResolutionCache:

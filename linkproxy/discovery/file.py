@@ -431,11 +431,11 @@ class FileDiscovery:
         if self._metrics is not None:
             self._metrics.error(self.backend)
         if self._sets is None:
-            self._log.error("endpoints file {path} is unusable and no good version has been read yet "
+            self._log.warn("endpoints file {path} is unusable and no good version has been read yet "
                             "(every target has no endpoints): {problem}", path=self.path, problem=problem)
             # Receivers already hold the empty set; no update is needed.
         else:
-            self._log.error("endpoints file {path} is unusable; keeping the last good version "
+            self._log.warn("endpoints file {path} is unusable; keeping the last good version "
                             "({targets} services, {profiles} profiles): {problem}", path=self.path,
                             targets=len(self._sets), profiles=len(self.profiles), problem=problem)
         return False

@@ -223,7 +223,13 @@ class Http1ServerProtocol(Protocol):
         if self._disconnected or self._splice is not None:
             return
         if not self._busy:
-            self.transport.loseConnection()
+            self._close()
+
+    def _close(self):
+        # A TLS transport (inbound mTLS) holds its close until its producer is unregistered, so unregister first.
+        transport = self.transport
+        transport.unregisterProducer()
+        transport.loseConnection()
 
     def abort(self):
         """
@@ -282,7 +288,7 @@ class Http1ServerProtocol(Protocol):
         if up is not None and up.out:
             up.flush()
         if self._close_when_flushed and not self._disconnected:
-            self.transport.loseConnection()
+            self._close()
 
     # -- input -------------------------------------------------------------------------------------------------
 
@@ -855,7 +861,7 @@ class Http1ServerProtocol(Protocol):
         """
         if not self._disconnected:
             self.flush()
-            self.transport.loseConnection()
+            self._close()
 
     def upstream_lost(self, conn, got_bytes):
         # The upstream closed (or reset) while serving this exchange.

@@ -2,16 +2,24 @@
 The wire between proxies: mTLS plus Linkerd's transport header, on both ends.
 
 Outbound, L{MeshConnector.connect} is the L{linkproxy.net.connect.Connector} hook for meshed endpoints: TCP to
-the endpoint's inbound proxy, TLS with SNI set to the endpoint's identity, the transport header as the first
-plaintext bytes, and only then the caller's protocol. Its Deferred fires once the server has proved the
-identity the client dialled; a wrong identity, an untrusted chain or a timeout fail it, and the caller's
-protocol is then never connected (just as with a refused TCP connect).
+the endpoint's inbound proxy, TLS with SNI set to the endpoint's identity and ALPN offering
+C{transport.l5d.io/v1}, the transport header as the first plaintext bytes when the server selected that
+protocol, and only then the caller's protocol. Its Deferred fires once the server has proved the identity the
+client dialled; a wrong identity, an untrusted chain or a timeout fail it, and the caller's protocol is then
+never connected (just as with a refused TCP connect).
 
-Inbound, L{MeshServer} terminates mTLS for connections whose ClientHello names this proxy's identity. It is
-plugged in where protocol detection hands a connection over (L{linkproxy.net.sniff.SniffingProtocol}):
-L{MeshServer.protocol} returns the protocol that takes the connection. After the handshake it reads the
-transport header if one follows, and calls C{on_ready(peer, header)} for the protocol that gets the plaintext
-stream, handing over the same way detection does: C{makeConnection}, the bytes read so far, then every event.
+Inbound, L{MeshServer} terminates mTLS for connections whose ClientHello names this proxy's identity, and
+selects C{transport.l5d.io/v1} when the client offers it. It is plugged in where protocol detection hands a
+connection over (L{linkproxy.net.sniff.SniffingProtocol}): L{MeshServer.protocol} returns the protocol that
+takes the connection. After the handshake it reads the transport header (required when the ALPN was
+negotiated; recognised by its preface otherwise, as from a linkproxy that predates the ALPN), and calls
+C{on_ready(peer, header)} for the protocol that gets the plaintext stream, handing over the same way detection
+does: C{makeConnection}, the bytes read so far, then every event.
+
+As in linkerd2-proxy, the client writes the header exactly when C{transport.l5d.io/v1} was negotiated, and
+the server then requires it. Unlike linkerd2-proxy's inbound (which refuses direct connections without the
+ALPN), the server keeps serving clients that negotiated nothing as before: a header recognised by its preface
+is read, and without one the stream is detected (see C{docs/wire-protocol.md}).
 
 Both ends use L{MeshTLSTransport} (from L{linkproxy.net.twisted_private}), Twisted's TLS transport taught TLS 1.3
 half-close, so that opaque TCP keeps its half-close semantics across the mesh (a client's EOF arrives as
@@ -52,10 +60,15 @@ from linkproxy.net.tls import (
 from linkproxy.net.twisted_private import MeshTLSTransport, install_direct_write
 
 __all__ = [
-    "MeshConnector", "MeshServer", "MeshTLSTransport", "tls_error_label",
+    "MeshConnector", "MeshServer", "MeshTLSTransport", "TRANSPORT_HEADER_ALPN", "tls_error_label",
 ]
 
 log = Logger(namespace="linkproxy.net.mesh")
+
+#: The ALPN protocol that says a transport header follows the handshake (linkerd2-proxy's
+#: C{transport_header::PROTOCOL}); the preface starts with it.
+TRANSPORT_HEADER_ALPN = b"transport.l5d.io/v1"
+_MESH_ALPN = (TRANSPORT_HEADER_ALPN,)
 
 #: Plaintext a protocol may receive before it is handed over; only a misbehaving peer gets near it.
 _MAX_EARLY = transport_header.MAX_HEADER_LENGTH + 64 * 1024
@@ -212,17 +225,21 @@ class _Relay(Protocol):
 
 class _ClientSide(_Relay):
     """
-    Inside the client TLS transport: writes the transport header first, and hands over after the handshake.
+    Inside the client TLS transport: after the handshake, writes the transport header first if the server
+    selected C{transport.l5d.io/v1}, then hands over.
     """
 
     def __init__(self, attempt):
         self._attempt = attempt
 
     def handshakeCompleted(self):
-        # Written here, not queued at connectionMade: Twisted calls handshakeCompleted before it flushes writes
-        # queued during the handshake, so the protocol handed over below would otherwise overtake the header.
-        self.transport.write(self._attempt.header)
-        self._attempt.handshake_done(self)
+        alpn = self.transport.negotiatedProtocol
+        if alpn == TRANSPORT_HEADER_ALPN:
+            # Written here, not queued at connectionMade: Twisted calls handshakeCompleted before it flushes
+            # writes queued during the handshake, so the protocol handed over below would otherwise overtake
+            # the header.
+            self.transport.write(self._attempt.header)
+        self._attempt.handshake_done(self, alpn)
 
     def _early(self, data):
         # Only reachable if the server sent data the instant the handshake completed and the hand-over did
@@ -277,7 +294,7 @@ class _Attempt:
             failure = Failure(error.TimeoutError(f"connecting to {self._endpoint.identity} timed out"))
         self._finish(failure)
 
-    def handshake_done(self, side):
+    def handshake_done(self, side, alpn):
         if self.result.called:
             side.transport.abortConnection()
             return
@@ -288,6 +305,9 @@ class _Attempt:
             side.transport.abortConnection()
             self._finish(Failure(PeerIdentityMismatch(self._endpoint.identity, "no verified certificate")))
             return
+        log.debug("mTLS to {identity} at {proxy}: ALPN {alpn}, transport header {sent}",
+                  identity=self._endpoint.identity, proxy=format_address(self._endpoint.proxy),
+                  alpn=_alpn_name(alpn), sent="sent" if alpn == TRANSPORT_HEADER_ALPN else "not sent")
         protocol, self._protocol = self._protocol, None
         side._hand_over(protocol)
         self.result.callback(protocol)
@@ -331,9 +351,14 @@ class _Attempt:
             self.result.errback(failure)
 
 
+def _alpn_name(alpn):
+    return alpn.decode("ascii", "replace") if alpn else "none"
+
+
 class MeshConnector:
     """
-    Opens meshed connections: mTLS to an endpoint's inbound proxy, transport header first.
+    Opens meshed connections: mTLS to an endpoint's inbound proxy offering ALPN C{transport.l5d.io/v1}, and
+    the transport header first when the server selects it.
 
     Install it as C{Connector(reactor, timeout, meshed=MeshConnector(store, reactor, timeout).connect)}.
     """
@@ -360,7 +385,7 @@ class MeshConnector:
     def _creator(self, identity):
         creator = self._creators.get(identity)
         if creator is None:
-            creator = client_connection_creator(self._store, identity)
+            creator = client_connection_creator(self._store, identity, alpn=_MESH_ALPN)
             if len(self._creators) >= self._MAX_CREATORS:
                 # Identities churn only with deployments; starting over is simpler than an LRU.
                 self._creators.clear()
@@ -377,7 +402,8 @@ class MeshConnector:
         Connect C{protocol} to a meshed C{endpoint} through its inbound proxy.
 
         @param endpoint: a meshed L{linkproxy.core.endpoint.Endpoint} (C{identity} and C{proxy} set).
-        @param protocol: an unconnected C{IProtocol}; its first write follows the transport header.
+        @param protocol: an unconnected C{IProtocol}; its first write follows the transport header, which is
+            sent when the server selected ALPN C{transport.l5d.io/v1}, and only then, as linkerd2-proxy does.
         @param session_protocol: C{"http1"}, C{"http2"} or L{None} (opaque), for the header.
         @return: a Deferred firing with C{protocol}, connected, once the handshake completed and the server
             proved C{endpoint.identity}; it fails with L{PeerIdentityMismatch}, C{OpenSSL.SSL.Error},
@@ -430,9 +456,12 @@ _PREFIX_LENGTH = len(transport_header.PREFACE) + 4
 
 class _ServerSide(_Relay):
     """
-    Inside the inbound TLS transport: waits for the handshake, reads the transport header if there is one,
-    then hands the plaintext stream to the protocol C{on_ready} chooses.
+    Inside the inbound TLS transport: waits for the handshake, reads the transport header (which must come
+    when ALPN C{transport.l5d.io/v1} was negotiated, and may come otherwise), then hands the plaintext stream
+    to the protocol C{on_ready} chooses.
     """
+
+    _required = False
 
     def __init__(self, server, on_ready):
         self._server = server
@@ -468,6 +497,10 @@ class _ServerSide(_Relay):
             return
         self._peer = PeerInfo(tls="true", client_id=peer_identity(self.transport),
                               server_id=self._server.identity)
+        alpn = self.transport.negotiatedProtocol
+        self._required = alpn == TRANSPORT_HEADER_ALPN
+        log.debug("mTLS from {client}: ALPN {alpn}", client=self._peer.client_id or "anonymous",
+                  alpn=_alpn_name(alpn))
         self._phase = _HEADER
         self._timer = self._server._reactor.callLater(self._server._header_timeout, self._header_timeout)
 
@@ -485,7 +518,10 @@ class _ServerSide(_Relay):
         buffered = b"".join(self._chunks)
         self._chunks = [buffered] if buffered else []
         if not transport_header.has_preface_prefix(buffered):
-            self._ready(None, buffered)
+            if self._required:
+                self._refuse_header("missing", "ALPN transport.l5d.io/v1 negotiated, but no transport header")
+            else:
+                self._ready(None, buffered)
             return
         try:
             result = transport_header.decode(buffered)
@@ -500,9 +536,12 @@ class _ServerSide(_Relay):
                 # The length is known now: wait until the whole header is here before decoding again.
                 self._need = transport_header.header_length(buffered)
         else:
-            if len(buffered) >= len(transport_header.PREFACE):
+            if len(buffered) >= len(transport_header.PREFACE) or (self._required and buffered):
                 # The client speaks the header and stopped halfway: that is no stream to guess at.
                 self._refuse_header("incomplete", "transport header incomplete")
+            elif self._required:
+                # It promised a header and sent nothing (linkerd2-proxy refuses this as a timeout too).
+                self._refuse_header("missing", "ALPN transport.l5d.io/v1 negotiated, but no transport header")
             else:
                 # A few bytes that happen to match the preface's start: continue without a header, as
                 # detection continues as opaque when it cannot decide.
@@ -534,6 +573,9 @@ class _ServerSide(_Relay):
         self._cancel_timer()
         self._chunks = []
         self._phase = "ready"
+        if header is not None:
+            log.debug("transport header from {client}: {header}", client=self._peer.client_id or "anonymous",
+                      header=header)
         try:
             proto = self._on_ready(self._peer, header)
         except Exception:
@@ -578,7 +620,7 @@ class MeshServer:
     """
 
     def __init__(self, store, *, metrics, reactor=None, require_client_cert=True, handshake_timeout=10.0,
-                 header_timeout=10.0):
+                 header_timeout=10.0, alpn=_MESH_ALPN):
         """
         @param store: this proxy's L{linkproxy.identity.store.IdentityStore}.
         @param metrics: a L{linkproxy.admin.metrics.Metrics}; refused connections are counted in
@@ -588,7 +630,10 @@ class MeshServer:
             L{linkproxy.core.policy.requires_client_cert}); a certificate that is presented must verify either way.
         @param handshake_timeout: seconds from the hand-over to a completed handshake.
         @param header_timeout: seconds after the handshake to wait for the first bytes (or the rest of a
-            transport header); when they do not come, the stream continues without a header.
+            transport header); when they do not come, the stream continues without a header, unless ALPN
+            C{transport.l5d.io/v1} was negotiated, which promised one: then the connection is refused.
+        @param alpn: the ALPN protocols to select when offered; C{()} selects none, as linkproxy did before it
+            negotiated C{transport.l5d.io/v1} (the tests stand in for such a peer this way).
         """
         if handshake_timeout <= 0 or header_timeout <= 0:
             raise ValueError("timeouts must be positive")
@@ -599,7 +644,8 @@ class MeshServer:
         self._reactor = reactor
         self._handshake_timeout = handshake_timeout
         self._header_timeout = header_timeout
-        creator = _RecordingServerCreator(server_context_factory(store, require_client_cert=require_client_cert))
+        creator = _RecordingServerCreator(server_context_factory(store, require_client_cert=require_client_cert,
+                                                                 alpn=alpn))
         self._tls_factory = _MeshTLSFactory(creator, False, Factory(), clock=reactor)
 
     @property
@@ -626,7 +672,9 @@ class MeshServer:
         @param on_ready: C{on_ready(peer, header) -> IProtocol | None}, called once after the handshake and the
             transport header: C{peer} is a L{PeerInfo} with C{tls="true"}, C{client_id} the verified client
             identity (or L{None} without a client certificate) and C{server_id} our identity; C{header} is a
-            L{linkproxy.core.transport_header.TransportHeader} or L{None} when the client sent none. The
+            L{linkproxy.core.transport_header.TransportHeader} or L{None} when the client sent none (only a
+            client that did not negotiate ALPN C{transport.l5d.io/v1} may send none; one that did is refused
+            and counted, and C{on_ready} is not called). The
             protocol it returns gets the plaintext stream (C{makeConnection} with the TLS transport, the
             bytes after the header, then every event); L{None} closes the connection.
         @return: an C{IProtocol}.

@@ -8,6 +8,10 @@ connections already open keep the context (and certificate) they were made with.
 Both sides speak TLS 1.3 only and verify the peer's chain against the store's trust anchors. The client
 also checks, during the handshake, that the server's certificate names the identity it meant to reach
 (with service_identity), and fails the handshake otherwise.
+
+What runs over the connection is the caller's business, and so is ALPN: each side takes the protocols to
+offer (client) or select (server), and offers or selects none by default. The mesh passes
+C{transport.l5d.io/v1} (see L{linkproxy.net.mesh}).
 """
 
 import weakref
@@ -85,9 +89,10 @@ class ServerContextFactory:
     Server-side TLS for the inbound proxy; see L{server_context_factory}.
     """
 
-    def __init__(self, store, require_client_cert):
+    def __init__(self, store, require_client_cert, alpn=()):
         self._store = store
         self._require = require_client_cert
+        self._alpn = tuple(alpn)
         self._identity = None
         self._context = None
 
@@ -109,6 +114,8 @@ class ServerContextFactory:
             for anchor in identity.anchors:
                 # Tell clients (openssl s_client, curl) which CAs we accept, so they pick the right cert.
                 ctx.add_client_ca(anchor)
+            if self._alpn:
+                ctx.set_alpn_select_callback(_alpn_selector(self._alpn))
             self._context, self._identity = ctx, identity
         return self._context
 
@@ -119,32 +126,56 @@ class ServerContextFactory:
         return SSL.Connection(self.getContext(), None)
 
 
-def server_context_factory(store, *, require_client_cert):
+def server_context_factory(store, *, require_client_cert, alpn=()):
     """
     Build the inbound side of mesh TLS.
 
     @param store: an L{IdentityStore}; its current identity supplies the certificate, key and anchors.
     @param require_client_cert: if C{True}, a client without a certificate fails the handshake; if
         C{False}, a client certificate is optional, but one that is presented must verify.
+    @param alpn: the ALPN protocols to select, in order of preference: the first of them the client offers is
+        selected. A client that offers none of them (or no ALPN at all) is not refused; the handshake goes on
+        with no protocol negotiated. Empty (the default): ALPN is ignored.
     @return: an object for C{TLSMemoryBIOFactory(factory, False, wrapped)} (it provides
         C{IOpenSSLServerConnectionCreator} and C{IOpenSSLContextFactory}).
     """
-    return ServerContextFactory(store, bool(require_client_cert))
+    return ServerContextFactory(store, bool(require_client_cert), alpn)
 
 
-# Client contexts depend only on the identity, not on the server name, so one per store generation serves
-# every upstream; the name check is attached to each connection instead.
+def _alpn_selector(protocols):
+    """
+    An ALPN select callback choosing the first of C{protocols} the client offered, or none.
+    """
+
+    def select(connection, offered):
+        for protocol in protocols:
+            if protocol in offered:
+                return protocol
+        # Not an alert: a client that offers other protocols only is served as one that offers none.
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
+
+
+# Client contexts depend only on the identity (and the ALPN list), not on the server name, so one per store
+# generation serves every upstream; the name check is attached to each connection instead.
+# store -> {alpn: (identity, context)}
 _CLIENT_CONTEXTS = weakref.WeakKeyDictionary()
 
 
-def _client_context(store):
+def _client_context(store, alpn):
     identity = _current(store)
-    cached = _CLIENT_CONTEXTS.get(store)
+    contexts = _CLIENT_CONTEXTS.get(store)
+    if contexts is None:
+        contexts = _CLIENT_CONTEXTS[store] = {}
+    cached = contexts.get(alpn)
     if cached is not None and cached[0] is identity:
         return cached[1]
     ctx = _make_context(identity)
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
-    _CLIENT_CONTEXTS[store] = (identity, ctx)
+    if alpn:
+        ctx.set_alpn_protos(list(alpn))
+    contexts[alpn] = (identity, ctx)
     return ctx
 
 
@@ -188,36 +219,40 @@ class ClientConnectionCreator:
     Client-side TLS to one meshed server identity; see L{client_connection_creator}.
 
     @ivar server_identity: the identity the server must prove.
+    @ivar alpn: the ALPN protocols offered, in order of preference (a tuple, maybe empty).
     """
 
-    def __init__(self, store, server_identity):
+    def __init__(self, store, server_identity, alpn=()):
         self._store = store
         self.server_identity = server_identity
+        self.alpn = tuple(alpn)
         self._sni = server_identity.encode("ascii")
 
     def clientConnectionForTLS(self, tlsProtocol):
         """
         @return: a new C{SSL.Connection} with SNI and per-connection identity verification.
         """
-        connection = SSL.Connection(_client_context(self._store), None)
+        connection = SSL.Connection(_client_context(self._store, self.alpn), None)
         connection.set_tlsext_host_name(self._sni)
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
                               _name_checker(tlsProtocol, self.server_identity))
         return connection
 
 
-def client_connection_creator(store, server_identity):
+def client_connection_creator(store, server_identity, *, alpn=()):
     """
     Build the outbound side of mesh TLS to one server identity.
 
     @param store: an L{IdentityStore}; supplies our client certificate and the trust anchors.
     @param server_identity: the identity name the server must present (also sent as SNI).
+    @param alpn: the ALPN protocols to offer, in order of preference; empty (the default) offers none. What
+        the server chose is the transport's C{negotiatedProtocol} after the handshake.
     @return: an C{IOpenSSLClientConnectionCreator} for C{TLSMemoryBIOFactory(creator, True, wrapped)} or
         C{wrapClientTLS(creator, endpoint)}.
     @raise IdentityError: if C{server_identity} is not a DNS name.
     """
     check_dns_name(server_identity)
-    return ClientConnectionCreator(store, server_identity)
+    return ClientConnectionCreator(store, server_identity, alpn)
 
 
 def peer_identity(transport):

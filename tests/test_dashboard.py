@@ -379,6 +379,22 @@ class StateTests(SynchronousTestCase):
         """
         self.assertIsNone(identity_state(None, 0))
 
+    def test_localClientsOnly(self):
+        """
+        Like every admin route but the probes and the scrape, the page, its assets and its state answer
+        only clients on this host: another address gets 403.
+        """
+        from twisted.internet.address import IPv4Address
+
+        from tests.test_admin import _FromClient
+
+        resource = _FromClient(_admin(self.metrics, self.clock).app.resource(), IPv4Address("TCP", "10.1.2.3", 5))
+        treq = StubTreq(resource)
+        for path in ("/dashboard", "/dashboard/state.json", "/dashboard/assets/dashboard.js"):
+            response = self.successResultOf(treq.get(BASE + path))
+            self.assertEqual(response.code, 403, path)
+            self.assertNotIn(b"traffic", self.successResultOf(response.content()))
+
     def test_postNotAllowed(self):
         """
         The dashboard only answers C{GET} (and C{HEAD}).

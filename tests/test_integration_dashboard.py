@@ -128,7 +128,9 @@ class DashboardBrowserTests(TestCase):
             options.add_argument(arg)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
         # Selenium Manager would otherwise look for drivers online; the paths are given.
-        os.environ.setdefault("SE_OFFLINE", "true")
+        if "SE_OFFLINE" not in os.environ:
+            os.environ["SE_OFFLINE"] = "true"
+            self.addCleanup(os.environ.pop, "SE_OFFLINE", None)
         service = Service(self.chromedriver, port=free_port(), log_output=os.path.abspath(self.mktemp()))
         driver = self.webdriver.Chrome(service=service, options=options)
         self.addCleanup(driver.quit)

@@ -82,22 +82,29 @@
         if (!response.ok) throw new Error("HTTP " + response.status);
         return response.json();
       })
-      .then(function (state) {
+      .then(function (state) { return {state: state}; }, function (err) { return {error: err}; })
+      .then(function (result) {
+        // Exactly one next poll is scheduled, whatever happens below.
         clearTimeout(timer);
+        var node = $("connection");
+        if (result.error) {
+          var delay = BACKOFF_MS[Math.min(failures, BACKOFF_MS.length - 1)];
+          failures += 1;
+          setPill(node, "disconnected", "disconnected \u2013 retrying in " + Math.round(delay / 1000) + " s");
+          node.title = String(result.error && result.error.message || result.error);
+          setTimeout(poll, delay);
+          return;
+        }
         failures = 0;
-        render(state);
-        setPill($("connection"), "live", "live");
-        var interval = (state.poll_interval_s || 1) * 1000;
-        setTimeout(poll, interval);
-      })
-      .catch(function (err) {
-        clearTimeout(timer);
-        var delay = BACKOFF_MS[Math.min(failures, BACKOFF_MS.length - 1)];
-        failures += 1;
-        setPill($("connection"), "disconnected",
-                "disconnected \u2013 retrying in " + Math.round(delay / 1000) + " s");
-        $("connection").title = String(err && err.message || err);
-        setTimeout(poll, delay);
+        setPill(node, "live", "live");
+        node.title = "";
+        setTimeout(poll, (result.state.poll_interval_s || 1) * 1000);
+        try {
+          render(result.state);
+        } catch (e) {
+          // A bug in the page, not a lost proxy: say so where developers look.
+          console.error("dashboard: could not show the state", e);
+        }
       });
   }
 

@@ -11,7 +11,8 @@ from linkproxy.core.detect import Protocol
 from linkproxy.core.endpoint import Endpoint
 from linkproxy.core.policy import requires_client_cert
 from linkproxy.layers.stack import RequestStack
-from linkproxy.net.context import PLAIN
+from linkproxy.admin.metrics import TcpConnection
+from linkproxy.net.context import PLAIN, PLAIN_NO_IDENTITY
 from linkproxy.net.l7 import http_layer
 from linkproxy.net.authz import AuthorizingRouter, authz_metrics
 from linkproxy.net.sniff import SniffingProtocol
@@ -60,7 +61,11 @@ def build_inbound(runtime):
     app = Endpoint(address=app_address(config.app))
     app_router = FixedRouter(app)
     # No profiles inbound: route and split have nothing to do, and the app is the one endpoint (one attempt).
-    stack = RequestStack(DIRECTION, app_router, metrics, config.response_timeout, tap=runtime.tap)
+    # Profiles inbound give route metrics (route_*{direction="inbound"}, as Linkerd's inbound ServiceProfile
+    # routes); the app is still the one endpoint, so there is nothing to retry or split.
+    plain = PLAIN if runtime.identity is not None else PLAIN_NO_IDENTITY
+    stack = RequestStack(DIRECTION, app_router, metrics, config.response_timeout, profiles=runtime.profiles,
+                         tls=plain.tls, tap=runtime.tap)
     settings, http = http_layer(runtime, DIRECTION, stack)
     authz = authz_metrics(metrics)
     local_ports = _LocalPorts(app, app_router)
@@ -71,40 +76,53 @@ def build_inbound(runtime):
                           require_client_cert=requires_client_cert(config.policy),
                           header_timeout=config.detect_timeout)
 
-    def serve(peer, protocol, endpoint, router):
+    def src_metrics(peer, endpoint):
+        tls = peer.tls
+        return metrics.tcp(DIRECTION, "src", tls, endpoint.addr_str, peer_id=peer.client_id or "",
+                           no_tls_reason=peer.no_tls_reason if tls != "true" else "")
+
+    undecided = src_metrics(plain, app)
+
+    def serve(peer, protocol, endpoint, router, conn):
         if protocol in http:
+            conn.bind(src_metrics(peer, endpoint))
             decision = authz.decide("http", config.policy, config.policy_allow, peer, endpoint.addr_str)
-            if decision.allowed and router is app_router and peer is PLAIN:
+            if decision.allowed and router is app_router and peer is plain:
                 # The common unmeshed case: no per-connection settings, allows counted per connection.
                 decision.count()
                 return http[protocol](settings, peer)
-            return http[protocol](replace(settings, router=AuthorizingRouter(router, decision)), peer)
+            return http[protocol](replace(settings, router=AuthorizingRouter(router, decision), route_tls=peer.tls),
+                                  peer)
         decision = authz.decide("tcp", config.policy, config.policy_allow, peer, endpoint.addr_str)
         decision.count()
         if not decision.allowed:
+            conn.bind(src_metrics(peer, endpoint))
             return None
-        return opaque_proxy(runtime, router, endpoint.addr_str, DIRECTION,
-                            metrics.tcp(DIRECTION, "src", peer.tls, endpoint.addr_str))
+        # The opaque splice counts its own side (the plaintext, under mTLS).
+        conn.skip()
+        return opaque_proxy(runtime, router, endpoint.addr_str, DIRECTION, src_metrics(peer, endpoint))
 
-    def on_meshed(peer, header):
+    def on_meshed(peer, header, conn):
         endpoint, router = local_ports.get(header.port if header is not None else 0)
         if header is None:
             # mTLS without a transport header: the client did not say, so sniff the plaintext.
-            return SniffingProtocol(lambda detection, _: serve(peer, detection.protocol, endpoint, router),
+            return SniffingProtocol(lambda detection, _: serve(peer, detection.protocol, endpoint, router, conn),
                                     reactor=reactor, timeout=config.detect_timeout, metrics=metrics,
                                     direction=DIRECTION)
-        return serve(peer, _SESSION.get(header.session_protocol, Protocol.OPAQUE), endpoint, router)
+        return serve(peer, _SESSION.get(header.session_protocol, Protocol.OPAQUE), endpoint, router, conn)
 
-    def on_detected(detection, transport):
+    def on_detected(detection, transport, conn):
         if mesh is not None and mesh.accepts(detection):
-            return mesh.protocol(on_meshed)
-        return serve(PLAIN, detection.protocol, app, app_router)
+            return mesh.protocol(lambda peer, header: on_meshed(peer, header, conn))
+        return serve(plain, detection.protocol, app, app_router, conn)
 
     skip = app.address[1] in config.opaque_ports
 
     def accept(addr):
-        return SniffingProtocol(on_detected, reactor=reactor, timeout=config.detect_timeout, metrics=metrics,
-                                direction=DIRECTION, skip=skip)
+        conn = TcpConnection(undecided)
+        return SniffingProtocol(lambda detection, transport: on_detected(detection, transport, conn),
+                                reactor=reactor, timeout=config.detect_timeout, metrics=metrics,
+                                direction=DIRECTION, skip=skip, tcp=conn)
 
     return accept
 

@@ -16,6 +16,7 @@ from linkproxy.core.endpoint import format_address
 from linkproxy.layers.stack import RequestStack
 from linkproxy.net.context import PLAIN
 from linkproxy.net.l7 import http_layer
+from linkproxy.admin.metrics import TcpConnection
 from linkproxy.net.sniff import SniffingProtocol
 from linkproxy.net.tcp import opaque_proxy
 
@@ -59,22 +60,32 @@ def build_outbound(runtime, router):
     stack = RequestStack(DIRECTION, router, metrics, config.response_timeout, profiles=runtime.profiles,
                          tap=runtime.tap)
     settings, http = http_layer(runtime, DIRECTION, stack)
+    # The application's connections reach this proxy over loopback: Linkerd labels them so.
+    undecided = metrics.tcp(DIRECTION, "src", "no_identity", "", no_tls_reason="loopback")
 
-    def on_detected(detection, transport):
+    def on_detected(detection, transport, conn):
         server = http.get(detection.protocol)
         if server is not None:
+            host = transport.getHost()
+            conn.bind(metrics.tcp(DIRECTION, "src", "no_identity", format_address((host.host, host.port)),
+                                  no_tls_reason="loopback"))
             return server(settings, PLAIN)
+        # The opaque splice counts its own side, under the target's authority.
+        conn.skip()
         target = original_destination(transport)
         if target is None:
             metrics.tcp_protocol_error_total.labels(DIRECTION, detection.protocol.value, "no_target").inc()
             return None
         authority = format_address(target)
         return opaque_proxy(runtime, router, authority, DIRECTION,
-                            metrics.tcp(DIRECTION, "src", "false", authority))
+                            metrics.tcp(DIRECTION, "src", "no_identity", authority, authority=authority,
+                                        no_tls_reason="loopback"))
 
     def accept(addr):
-        return SniffingProtocol(on_detected, reactor=reactor, timeout=config.detect_timeout, metrics=metrics,
-                                direction=DIRECTION)
+        conn = TcpConnection(undecided)
+        return SniffingProtocol(lambda detection, transport: on_detected(detection, transport, conn),
+                                reactor=reactor, timeout=config.detect_timeout, metrics=metrics,
+                                direction=DIRECTION, tcp=conn)
 
     return accept
 
@@ -86,7 +97,8 @@ def build_tcp_route(runtime, router, target):
     @param target: C{(host, port)}, the logical target that discovery resolves.
     """
     authority = format_address(target)
-    src_metrics = runtime.metrics.tcp(DIRECTION, "src", "false", authority)
+    src_metrics = runtime.metrics.tcp(DIRECTION, "src", "no_identity", authority, authority=authority,
+                                      no_tls_reason="loopback")
 
     def accept(addr):
         return opaque_proxy(runtime, router, authority, DIRECTION, src_metrics)

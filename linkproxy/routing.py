@@ -204,7 +204,8 @@ class BalancedRouter:
     C{panic_pick} gives (panic mode; balancers without C{panic_pick} answer 503 as before).
 
     Metrics, read at scrape time from the balancers' snapshots (nothing per request):
-    C{balancer_endpoints{direction, target, state}} and C{balancer_endpoint_cost{direction, target, endpoint}};
+    C{outbound_http_balancer_endpoints{direction, target, backend_name, endpoint_state}} and
+    C{balancer_endpoint_cost{direction, target, endpoint}};
     and C{balancer_panic_total{direction, target}}, requests sent in panic mode.
     """
 
@@ -599,14 +600,17 @@ class _BalancerCollector:
 
     def describe(self):
         # Declared so the registry refuses a second registration of these names, yet collects lazily.
-        return [GaugeMetricFamily("balancer_endpoints", "", labels=()),
+        return [GaugeMetricFamily("outbound_http_balancer_endpoints", "", labels=()),
                 GaugeMetricFamily("balancer_endpoint_cost", "", labels=()),
                 self.panic.describe()]
 
     def collect(self):
+        # Linkerd's name and label (endpoint_state="ready"|"pending"); linkproxy's states are ready, ejected
+        # and probing (an ejected endpoint on trial), so those are the values. The HTTP and TCP balancers of a
+        # target are one balancer here, hence one family.
         counts = GaugeMetricFamily(
-            "balancer_endpoints", "Endpoints of each target's balancer, by state",
-            labels=("direction", "target", "state"))
+            "outbound_http_balancer_endpoints", "Endpoints of each target's balancer, by state",
+            labels=("direction", "target", "backend_name", "endpoint_state"))
         costs = GaugeMetricFamily(
             "balancer_endpoint_cost", "Each endpoint's load as its balancer measures it (peak-EWMA cost, "
             "or requests in flight)", labels=("direction", "target", "endpoint"))
@@ -620,7 +624,7 @@ class _BalancerCollector:
                         series += 1
                         costs.add_metric((router.direction, target, endpoint.addr_str), float(cost))
                 for state, count in by_state.items():
-                    counts.add_metric((router.direction, target, state), count)
+                    counts.add_metric((router.direction, target, target, state), count)
         return [counts, costs, self.panic.collect()]
 
 

@@ -38,6 +38,9 @@ PUMP_LIMIT = 500
 _TEST_CONFIG = dict(validate_inbound_headers=False, validate_outbound_headers=False,
                     normalize_inbound_headers=False, normalize_outbound_headers=False, header_encoding=None)
 
+#: The TLS labels of a hop to an endpoint without identity.
+UNMESHED = dict(tls="no_identity", no_tls_reason="not_provided_by_service_discovery")
+
 
 def _headers(pairs):
     return [(n if isinstance(n, bytes) else n.encode(), v if isinstance(v, bytes) else v.encode())
@@ -362,8 +365,7 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(h.router.authorities, [AUTHORITY])
         self.assertEqual(h.router.leases[0].outcomes, [True])
         self.assertEqual(h.connector.calls, [(BACKEND, "http2")])
-        labels = dict(direction="outbound", authority=AUTHORITY, target_addr="10.0.0.1:8080", tls="false",
-                      client_id="", server_id="")
+        labels = dict(direction="outbound", authority=AUTHORITY, target_addr="10.0.0.1:8080", **UNMESHED)
         self.assertEqual(h.sample("request_total", **labels), 1)
         self.assertEqual(h.sample("response_total", classification="success", status_code="200", grpc_status="",
                                   **labels), 1)
@@ -447,7 +449,7 @@ class ProxyTests(SynchronousTestCase):
         (seen,) = h.backend_streams().values()
         self.assertEqual(seen.trailers, {b"x-req-trailer": b"1"})
         self.assertEqual(h.sample("response_total", direction="outbound", authority=AUTHORITY,
-                                  target_addr="10.0.0.1:8080", tls="false", client_id="", server_id="",
+                                  target_addr="10.0.0.1:8080", **UNMESHED,
                                   classification="success", status_code="200", grpc_status="0"), 1)
         h.assert_clean(self)
 
@@ -603,7 +605,7 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(s.headers[b"l5d-proxy-error"], b"no endpoints for " + AUTHORITY.encode())
         self.assertEqual(s.data, b"no endpoints for " + AUTHORITY.encode() + b"\n")
         self.assertEqual(h.sample("response_total", direction="outbound", authority=AUTHORITY, target_addr="",
-                                  tls="false", client_id="", server_id="", classification="failure",
+                                  **UNMESHED, classification="failure",
                                   status_code="503", grpc_status=""), 1)
         h.assert_clean(self)
 

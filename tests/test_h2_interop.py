@@ -244,7 +244,8 @@ class GrpcTests(TestCase):
         registry = self.proxy.settings.metrics.registry
         self.assertEqual(registry.get_sample_value("response_total", dict(
             direction="outbound", authority=self.proxy.address, target_addr="%s:%d" % self.backend.address,
-            tls="false", client_id="", server_id="", classification="success", status_code="200",
+            tls="no_identity", no_tls_reason="not_provided_by_service_discovery", classification="success",
+            status_code="200",
             grpc_status="0")), 1)
 
     @defer.inlineCallbacks

@@ -190,7 +190,8 @@ class DeadEndpointTests(_FileDiscoveryMixin, TestCase):
         time.sleep(0.2)
         kill_at[0] = time.monotonic()
         victim.kill()
-        wait_for(lambda: (proxy.metric("balancer_endpoints", state="ejected") or 0) >= 1, timeout=0.8,
+        wait_for(lambda: (proxy.metric("outbound_http_balancer_endpoints", endpoint_state="ejected") or 0) >= 1,
+                 timeout=0.8,
                  interval=0.02, what="the killed endpoint to be ejected")
         seen_ejected = time.monotonic()
         # The clients stop by themselves 0.9 s after the kill.
@@ -209,8 +210,9 @@ class DeadEndpointTests(_FileDiscoveryMixin, TestCase):
             self.assertTrue(error, detail)
         self.assertGreaterEqual(len(later), 10, detail)
         self.assertEqual([(r[1], r[3]) for r in later], [(200, b"survivor")] * len(later), detail)
-        self.assertEqual(proxy.metric("balancer_endpoints", state="ejected", target=SERVICE), 1.0)
-        self.assertEqual(proxy.metric("balancer_endpoints", state="ready", target=SERVICE), 1.0)
+        self.assertEqual(
+            proxy.metric("outbound_http_balancer_endpoints", endpoint_state="ejected", target=SERVICE), 1.0)
+        self.assertEqual(proxy.metric("outbound_http_balancer_endpoints", endpoint_state="ready", target=SERVICE), 1.0)
 
 
 # A DNS server for A records only, on UDP 127.0.0.1 (port printed on stdout): stdlib struct packing, no

@@ -423,7 +423,7 @@ class RefusalTests(TestCase):
         status, headers, _ = http_get(b.url("inbound", "/"))
         self.assertEqual(status, 403)
         self.assertIn("l5d-proxy-error", {k.lower() for k in headers})
-        self.assertEqual(b.metric("inbound_http_authz_deny_total", tls="false"), 1)
+        self.assertEqual(b.metric("inbound_http_authz_deny_total", tls="no_identity"), 1)
         self.assertEqual(app.accepted, 0)
 
 

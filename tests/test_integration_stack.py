@@ -154,8 +154,8 @@ class FailoverTests(_StackMixin, TestCase):
         self.assertEqual(len(results), 500)
         self.assertNoFailures(results)
         dead = victim.address
-        wait_for(lambda: (proxy.metric("balancer_endpoints", state="ejected") or 0)
-                 + (proxy.metric("balancer_endpoints", state="probing") or 0) >= 1, timeout=5,
+        wait_for(lambda: (proxy.metric("outbound_http_balancer_endpoints", endpoint_state="ejected") or 0)
+                 + (proxy.metric("outbound_http_balancer_endpoints", endpoint_state="probing") or 0) >= 1, timeout=5,
                  what="the killed endpoint to be ejected")
         before = proxy.metric("tcp_connect_error_total", target_addr=dead) or 0
         paced(200, 100, 2, http_sender(proxy.ports["outbound"], SERVICE))
@@ -336,8 +336,8 @@ class HostileInputTests(_StackMixin, TestCase):
             s.close()
         status, _, _ = http_sender(port, SERVICE)({})
         self.assertEqual(status, 200)
-        self.assertFalse(proxy.metric("balancer_endpoints", state="ejected"))
-        self.assertFalse(proxy.metric("balancer_endpoints", state="probing"))
+        self.assertFalse(proxy.metric("outbound_http_balancer_endpoints", endpoint_state="ejected"))
+        self.assertFalse(proxy.metric("outbound_http_balancer_endpoints", endpoint_state="probing"))
 
 
 class PanicTests(_StackMixin, TestCase):
@@ -354,8 +354,9 @@ class PanicTests(_StackMixin, TestCase):
         proxy = self.start({SERVICE: [backend]})
         send = http_sender(proxy.ports["outbound"], SERVICE, "/fail")
         self.assertEqual([send({})[0] for _ in range(7)], [503] * 7)
-        wait_for(lambda: proxy.metric("balancer_endpoints", state="ejected")
-                 or proxy.metric("balancer_endpoints", state="probing"), timeout=2, what="ejection")
+        wait_for(lambda: proxy.metric("outbound_http_balancer_endpoints", endpoint_state="ejected")
+                 or proxy.metric("outbound_http_balancer_endpoints", endpoint_state="probing"), timeout=2,
+                 what="ejection")
         status, _, body = http_sender(proxy.ports["outbound"], SERVICE, "/ok")({})
         self.assertEqual((status, body), (200, b"only"))
         self.assertGreaterEqual(proxy.metric("balancer_panic_total") or 0, 1)

@@ -50,6 +50,16 @@ DB = "db.default.serviceaccount.identity.linkproxy.local"
 DAY = 86400
 
 
+def _srv(name, port, authz=False):
+    """
+    The srv_* (and, for allows, authz_*) labels of the authz counters under the default policy C{name}.
+    """
+    labels = dict(srv_group="", srv_kind="default", srv_name=name, srv_port=port)
+    if authz:
+        labels.update(authz_group="", authz_kind="default", authz_name=name)
+    return labels
+
+
 @implementer(IHalfCloseableProtocol)
 class App(protocol.Protocol):
     """
@@ -1157,13 +1167,15 @@ class AuthzTests(SynchronousTestCase):
         self.assertEqual((denied.allowed, denied.reason), (False, "no_tls"))
         denied.count()
         self.assertEqual(self.sample("inbound_tcp_authz_deny_total", target_addr="127.0.0.1:8080",
-                                     policy="authenticated", tls="false", client_id="", reason="no_tls"), 1.0)
+                                     policy="authenticated", tls="no_identity", client_id="", reason="no_tls",
+                                     **_srv("all-authenticated", "8080")), 1.0)
         peer = PeerInfo(tls="true", client_id=API, server_id=WEB)
         allowed = self.authz.decide("tcp", "authenticated", (), peer, "127.0.0.1:8080")
         self.assertTrue(allowed.allowed)
         allowed.count()
         self.assertEqual(self.sample("inbound_tcp_authz_allow_total", target_addr="127.0.0.1:8080",
-                                     policy="authenticated", tls="true", client_id=API), 1.0)
+                                     policy="authenticated", tls="true", client_id=API,
+                                     **_srv("all-authenticated", "8080", authz=True)), 1.0)
 
     def test_http_router(self):
         """
@@ -1177,11 +1189,13 @@ class AuthzTests(SynchronousTestCase):
             failure = self.failureResultOf(denied.route("web:80"), Forbidden)
         self.assertIn("not_allowed", failure.value.reason)
         self.assertEqual(self.sample("inbound_http_authz_deny_total", target_addr="127.0.0.1:8080", policy="allow",
-                                     tls="true", client_id=WEB, reason="not_allowed"), 2.0)
+                                     tls="true", client_id=WEB, reason="not_allowed",
+                                     **_srv("identity-allow-list", "8080")), 2.0)
         allowed = AuthorizingRouter(router, self.authz.decide("http", "unauthenticated", (), PLAIN, "a:1"))
         self.assertEqual(self.successResultOf(allowed.route("web:80")).endpoint.address, ("127.0.0.1", 8080))
         self.assertEqual(self.sample("inbound_http_authz_allow_total", target_addr="a:1",
-                                     policy="unauthenticated", tls="false", client_id=""), 1.0)
+                                     policy="unauthenticated", tls="no_identity", client_id="",
+                                     **_srv("all-unauthenticated", "1", authz=True)), 1.0)
 
     def test_client_ids_bounded(self):
         """

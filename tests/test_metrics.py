@@ -8,9 +8,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.exposition import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
-from linkproxy.admin.metrics import HTTP_LABELS, LATENCY_BUCKETS_MS, CounterFamily, HistogramFamily, Metrics
+from linkproxy.admin.metrics import LATENCY_BUCKETS_MS, CounterFamily, HistogramFamily, Metrics
 
-_RESPONSE_LABELS = HTTP_LABELS + ("classification", "status_code", "grpc_status")
+# The labels of a route without TLS, as Linkerd names them (with TLS, server_id or client_id replaces
+# no_tls_reason): one label set for every route below, so that prometheus_client can render the reference.
+_LABELS = ("direction", "authority", "target_addr", "tls", "no_tls_reason")
+_RESPONSE_LABELS = _LABELS + ("classification", "status_code", "grpc_status")
 
 
 def _reference():
@@ -19,10 +22,10 @@ def _reference():
     """
     disable_created_metrics()
     r = CollectorRegistry(auto_describe=False)
-    request = Counter("request", "Requests the proxy received", HTTP_LABELS, registry=r)
+    request = Counter("request", "Requests the proxy received", _LABELS, registry=r)
     response = Counter("response", "Responses, classified", _RESPONSE_LABELS, registry=r)
     latency = Histogram("response_latency_ms", "Time from request to the response's first byte, in ms",
-                        HTTP_LABELS + ("status_code",), buckets=LATENCY_BUCKETS_MS, registry=r)
+                        _LABELS + ("status_code",), buckets=LATENCY_BUCKETS_MS, registry=r)
     return r, request, response, latency
 
 
@@ -40,13 +43,13 @@ class HttpFamiliesTests(SynchronousTestCase):
         The same sequence of updates on linkproxy's bundles and on the reference metrics.
         """
         routes = [
-            ("outbound", "web:80", "10.0.0.1:80", "false", "", ""),
-            ("inbound", "web:80", "127.0.0.1:8080", "true", "client.ns", "me.ns"),
-            ("outbound", "api:8080", "", "false", "", ""),
+            ("outbound", "web:80", "10.0.0.1:80", "no_identity", "not_provided_by_service_discovery"),
+            ("inbound", "web:80", "127.0.0.1:8080", "no_identity", "not_provided_by_remote"),
+            ("outbound", "api:8080", "", "no_identity", "disabled"),
         ]
         statuses = [(200, ""), (503, ""), (200, "0"), (200, "14"), (404, ""), (200, "")]
         for i, labels in enumerate(routes):
-            bundle = route(*labels)
+            bundle = route(*labels[:4], no_tls_reason=labels[4])
             for j, amount in enumerate(_LATENCIES[i:] + _LATENCIES[:i]):
                 status, grpc = statuses[(i + j) % len(statuses)]
                 bundle.requests.inc()
@@ -85,8 +88,7 @@ class HttpFamiliesTests(SynchronousTestCase):
         bundle = metrics.http_route("outbound", "web:80", "10.0.0.1:80")
         bundle.requests.inc()
         bundle.response(200, "", 7.0)
-        labels = dict(direction="outbound", authority="web:80", target_addr="10.0.0.1:80", tls="false",
-                      client_id="", server_id="")
+        labels = dict(direction="outbound", authority="web:80", target_addr="10.0.0.1:80", tls="no_identity")
         get = metrics.registry.get_sample_value
         self.assertEqual(get("request_total", labels), 1.0)
         self.assertEqual(get("response_total", dict(labels, classification="success", status_code="200",

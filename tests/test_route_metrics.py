@@ -54,7 +54,7 @@ class RouteMetricsTests(SynchronousTestCase):
         text = scrape(self.metrics)
         api = dict(direction="outbound", authority="web.test:80", dst="web.test:80", rt_route="api-read",
                    tls="true")
-        default = dict(api, rt_route="default", tls="false")
+        default = dict(direction="outbound", authority="web.test:80", dst="web.test:80", rt_route="default")
         ok, failed = dict(classification="success", status_code="200"), dict(classification="failure")
         for line in [
             "# TYPE route_request_total counter",
@@ -90,8 +90,8 @@ class RouteMetricsTests(SynchronousTestCase):
         latency = Histogram("route_response_latency_ms", "Time from request to the response's first byte on "
                             "each profile route, retries included, in ms", ROUTE_LABELS + ("status_code",),
                             buckets=LATENCY_BUCKETS_MS, registry=ref)
-        route = self.metrics.route("inbound", "web.test:80", "r")
-        labels = ("inbound", "web.test:80", "web.test:80", "r", "false")
+        route = self.metrics.route("inbound", "web.test:80", "r", "no_identity")
+        labels = ("inbound", "web.test:80", "web.test:80", "r", "no_identity")
         for code, grpc, ms in [(200, "", 0.5), (200, "", 7), (500, "", 70), (200, "2", 50000.5), (404, "", 1)]:
             route.requests.inc()
             request.labels(*labels).inc()
@@ -123,8 +123,7 @@ class RouteMetricsTests(SynchronousTestCase):
         self.assertIs(self.metrics.route("outbound", "later:80", "x"), extra)
         extra.requests.inc()
         self.assertEqual(self.metrics.registry.get_sample_value("route_request_total", {
-            "direction": "outbound", "authority": "overflow", "dst": "overflow", "rt_route": "overflow",
-            "tls": "false"}), 1.0)
+            "direction": "outbound", "authority": "overflow", "dst": "overflow", "rt_route": "overflow"}), 1.0)
         self.assertEqual(len(self.metrics._routes), MAX_ROUTE_SERIES + 1)
 
     def test_linkerdQueries(self):

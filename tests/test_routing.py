@@ -394,9 +394,12 @@ class BalancedRouterTests(unittest.TestCase):
                 break
         held = result(router.route("web:80"))
         text = generate_latest(self.metrics.registry).decode()
-        self.assertIn('balancer_endpoints{direction="outbound",state="ready",target="web:80"} 1.0', text)
-        self.assertIn('balancer_endpoints{direction="outbound",state="ejected",target="web:80"} 1.0', text)
-        self.assertIn('balancer_endpoints{direction="outbound",state="probing",target="web:80"} 0.0', text)
+        self.assertIn('outbound_http_balancer_endpoints{backend_name="web:80",direction="outbound",'
+                      'endpoint_state="ready",target="web:80"} 1.0', text)
+        self.assertIn('outbound_http_balancer_endpoints{backend_name="web:80",direction="outbound",'
+                      'endpoint_state="ejected",target="web:80"} 1.0', text)
+        self.assertIn('outbound_http_balancer_endpoints{backend_name="web:80",direction="outbound",'
+                      'endpoint_state="probing",target="web:80"} 0.0', text)
         self.assertIn(f'balancer_endpoint_cost{{direction="outbound",endpoint="{held.endpoint.addr_str}",'
                       f'target="web:80"}} 2.0', text)
         self.assertIn('discovery_updates_total{backend="fake",target="web:80"} 1.0', text)
@@ -707,7 +710,8 @@ class PanicModeTests(unittest.SynchronousTestCase):
             lease.release(False)
             self.assertEqual(self.panic_total(), i + 1.0)
         text = generate_latest(self.metrics.registry).decode()
-        self.assertIn('balancer_endpoints{direction="outbound",state="ejected",target="web:80"} 1.0', text)
+        self.assertIn('outbound_http_balancer_endpoints{backend_name="web:80",direction="outbound",'
+                      'endpoint_state="ejected",target="web:80"} 1.0', text)
         self.assertIn("# TYPE balancer_panic_total counter", text)
 
     def test_leastRecentlyFailed(self):

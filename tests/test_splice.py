@@ -68,7 +68,8 @@ class AcceptedSpliceTests(SynchronousTestCase):
         upstream.dataReceived(b"response")
         self.assertEqual(client.value(), b"response")
         self.assertEqual(metrics.registry.get_sample_value(
-            "tcp_read_bytes_total", {"direction": "inbound", "peer": "src", "tls": "false", "target_addr": "t:1"}),
+            "tcp_read_bytes_total", {"direction": "inbound", "peer": "src", "tls": "no_identity",
+                                     "target_addr": "t:1"}),
             16)
 
     def test_eof_before_connect_delivered_after_bytes(self):
@@ -131,7 +132,8 @@ class AcceptedSpliceTests(SynchronousTestCase):
         self.assertEqual(cancelled, [connecting])
         self.assertEqual(failures, [])
         self.assertEqual(metrics.registry.get_sample_value(
-            "tcp_open_connections", {"direction": "inbound", "peer": "src", "tls": "false", "target_addr": "t:1"}),
+            "tcp_open_connections", {"direction": "inbound", "peer": "src", "tls": "no_identity",
+                                     "target_addr": "t:1"}),
             0)
 
     def test_reset_closes_peer_and_counts_failure(self):
@@ -146,8 +148,8 @@ class AcceptedSpliceTests(SynchronousTestCase):
         upstream.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(client.disconnecting)
         self.assertEqual(metrics.registry.get_sample_value(
-            "tcp_close_total", {"direction": "inbound", "peer": "dst", "tls": "false", "target_addr": "t:1",
-                                "classification": "failure"}), 1)
+            "tcp_close_total", {"direction": "inbound", "peer": "dst", "tls": "no_identity", "target_addr": "t:1",
+                                "classification": "failure", "errno": "ECONNRESET"}), 1)
 
     def test_tracked_while_open(self):
         """

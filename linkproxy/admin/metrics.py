@@ -12,18 +12,24 @@ the route families of profiles (C{route_request_total} and friends, Linkerd's Se
 (direction, target, route) by L{Metrics.route}.
 """
 
+import errno
+import re
+import time
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import INF, floatToGoString
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 
 LATENCY_BUCKETS_MS = (
     1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000, 4000, 5000,
     10000, 20000, 30000, 40000, 50000,
 )
 
+# The fixed labels of each family, for positional .labels(); bound bundles add Linkerd's variable ones
+# (server_id or client_id, no_tls_reason, dst_*), see Metrics.http_route/tcp.
 HTTP_LABELS = ("direction", "authority", "target_addr", "tls", "client_id", "server_id")
 TCP_LABELS = ("direction", "peer", "tls", "target_addr")
 # Route metrics carry both this proxy's "authority" (as its golden metrics do) and Linkerd's "dst" (what
@@ -37,6 +43,14 @@ GRPC_FAILURE_CODES = frozenset({"2", "4", "7", "13", "14", "15"})
 MAX_SNI_VALUES = 100
 MAX_HTTP_ROUTES = 1000
 MAX_ROUTE_SERIES = 1000
+MAX_TCP_SERIES = 1000
+MAX_AUTHORITY_VALUES = 1000
+# Bounds on labels that discovery gives (dst_*), and on any label value's length.
+MAX_DST_LABELS = 16
+MAX_LABEL_VALUE = 253
+
+#: Buckets of C{protocol_detect_duration_ms}: detection usually decides on the first read.
+DETECT_BUCKETS_MS = (0.1, 0.5, 1, 5, 10, 50, 100, 500, 1000, 5000, 10000)
 
 
 def classify(status_code, grpc_status):
@@ -114,10 +128,19 @@ class _Family:
         """
         if len(labelvalues) != len(self.labelnames):
             raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(labelvalues)}")
-        key = tuple(str(value) for value in labelvalues)
-        child = self._children.get(key)
+        return self.child(tuple(zip(self.labelnames, (str(value) for value in labelvalues))))
+
+    def child(self, pairs):
+        """
+        The child for C{pairs}, a tuple of C{(name, value)} label pairs, created on first use.
+
+        Children of one family may carry different label names: Linkerd's do (C{server_id} only with
+        C{tls="true"}, C{no_tls_reason} only without, C{dst_*} only where discovery gave labels), and the
+        exposition format allows it.
+        """
+        child = self._children.get(pairs)
         if child is None:
-            child = self._children[key] = self._new_child()
+            child = self._children[pairs] = self._new_child()
         return child
 
     def _new_child(self):
@@ -128,8 +151,8 @@ class _Family:
 
     def collect(self):
         metric = Metric(self.name, self.documentation, self.type)
-        for key, child in self._children.items():
-            self._add_samples(metric, dict(zip(self.labelnames, key)), child)
+        for pairs, child in self._children.items():
+            self._add_samples(metric, dict(pairs), child)
         return metric
 
     def _add_samples(self, metric, labels, child):
@@ -194,36 +217,229 @@ class _FamiliesCollector:
         return [family.collect() for family in self._families]
 
 
+class _GaugeChild:
+    """
+    One labelled gauge of a L{GaugeFamily}.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0.0
+
+    def inc(self, amount=1):
+        self.value += amount
+
+    def dec(self, amount=1):
+        self.value -= amount
+
+    def set(self, value):
+        self.value = float(value)
+
+
+class GaugeFamily(_Family):
+    """
+    The equivalent of a labelled C{prometheus_client.Gauge}, for the data path.
+    """
+
+    type = "gauge"
+
+    def _new_child(self):
+        return _GaugeChild()
+
+    def _add_samples(self, metric, labels, child):
+        metric.add_sample(self.name, labels, child.value)
+
+
+def close_reason(reason):
+    """
+    Linkerd's end-of-stream labels for a connection's close: C{(classification, errno)}.
+
+    A clean close is C{("success", "")}. Twisted reports a read or write error as C{ConnectionLost} without the
+    errno it met; on a TCP socket that is a reset by the peer in practice, so it is labelled C{ECONNRESET}. A
+    connection the proxy aborted itself (drain deadline, protocol error) is C{ECONNABORTED}. Any other failure
+    carrying an OS errno gets that errno's name; the rest C{"UNKNOWN"}. The set of values is bounded.
+
+    @param reason: the C{Failure} C{connectionLost} got, or C{None} for a clean close.
+    """
+    if reason is None:
+        return _CLEAN
+    value = getattr(reason, "value", reason)
+    if isinstance(value, ConnectionDone):
+        return _CLEAN
+    code = getattr(value, "errno", None)
+    if code is None and isinstance(getattr(value, "osError", None), OSError):
+        code = value.osError.errno
+    if isinstance(code, int) and code in errno.errorcode:
+        return ("failure", errno.errorcode[code])
+    if isinstance(value, ConnectionAborted):
+        return ("failure", "ECONNABORTED")
+    if isinstance(value, ConnectionLost):
+        return ("failure", "ECONNRESET")
+    return ("failure", "UNKNOWN")
+
+
+_CLEAN = ("success", "")
+
+
 class TcpMetrics:
     """
-    Bound children for one TCP peer of one connection (or one route): open/close/bytes.
+    Bound children for one TCP peer of one connection (or one route): open/close/bytes/duration.
+
+    C{read_bytes} and C{write_bytes} are plain counters the opaque splice adds to per read; connections whose
+    bytes are counted elsewhere (HTTP, see L{TcpConnection}) add their totals when they close, as Linkerd does.
     """
 
-    __slots__ = ("_open_total", "open_connections", "_close_ok", "_close_fail", "read_bytes", "write_bytes")
+    __slots__ = ("_metrics", "labels", "_open_total", "open_connections", "_closes", "read_bytes",
+                 "write_bytes")
 
     def __init__(self, metrics, labels):
-        self._open_total = metrics.tcp_open_total.labels(*labels)
-        self.open_connections = metrics.tcp_open_connections.labels(*labels)
-        self._close_ok = metrics.tcp_close_total.labels(*labels, "success")
-        self._close_fail = metrics.tcp_close_total.labels(*labels, "failure")
-        #: bound C{Counter} children; the data path calls C{.inc(n)} on them.
-        self.read_bytes = metrics.tcp_read_bytes_total.labels(*labels)
-        self.write_bytes = metrics.tcp_write_bytes_total.labels(*labels)
+        self._metrics = metrics
+        #: the label pairs of every child here.
+        self.labels = labels
+        self._open_total = metrics.tcp_open_total.child(labels)
+        self.open_connections = metrics.tcp_open_connections.child(labels)
+        #: bound C{Counter}-like children; the data path calls C{.inc(n)} on them.
+        self.read_bytes = metrics.tcp_read_bytes_total.child(labels)
+        self.write_bytes = metrics.tcp_write_bytes_total.child(labels)
+        self._closes = {}
 
     def opened(self):
-        """A connection with these labels opened."""
-        self._open_total.inc()
-        self.open_connections.inc()
+        """
+        A connection with these labels opened.
 
-    def closed(self, success=True):
-        """A connection counted by L{opened} closed, cleanly or not."""
-        self.open_connections.dec()
-        (self._close_ok if success else self._close_fail).inc()
+        @return: the time it opened, for L{closed}.
+        """
+        self._open_total.value += 1
+        self.open_connections.value += 1
+        return self._metrics.clock()
+
+    def closed(self, success=True, started=None, reason=None, read=0, written=0):
+        """
+        A connection counted by L{opened} closed.
+
+        @param success: without C{reason}: whether it closed cleanly.
+        @param started: what L{opened} returned; the lifetime goes to C{tcp_connection_duration_ms}.
+        @param reason: the C{Failure} from C{connectionLost} (it decides C{classification} and C{errno}).
+        @param read: bytes read that were not counted on C{read_bytes} as they came.
+        @param written: bytes written that were not counted on C{write_bytes} as they went.
+        """
+        self.open_connections.value -= 1
+        if reason is not None:
+            eos = close_reason(reason)
+        else:
+            eos = _CLEAN if success else ("failure", "ECONNRESET")
+        pair = self._closes.get(eos)
+        if pair is None:
+            m = self._metrics
+            labels = self.labels + (("classification", eos[0]), ("errno", eos[1]))
+            pair = self._closes[eos] = (m.tcp_close_total.child(labels),
+                                        m.tcp_connection_duration_ms.child(labels))
+        pair[0].value += 1
+        if started is not None:
+            pair[1].observe((self._metrics.clock() - started) * 1000.0)
+        if read:
+            self.read_bytes.value += read
+        if written:
+            self.write_bytes.value += written
+
+
+class TcpConnection:
+    """
+    The TCP metrics of one accepted connection whose protocol counts its bytes into plain numbers (C{rx},
+    C{tx}) rather than on bound children: the sniffer adds every read, the direct writer every write. Its
+    labels are bound once they are known (after detection, or the TLS handshake) with L{bind}; it is counted
+    under C{default} if it closes before that. L{skip} hands the counting to another protocol (the opaque
+    splice counts its own).
+    """
+
+    __slots__ = ("_default", "bundle", "rx", "tx", "_started", "_done")
+
+    def __init__(self, default):
+        self._default = default
+        self.bundle = None
+        self.rx = 0
+        self.tx = 0
+        self._started = None
+        self._done = False
+
+    def bind(self, bundle):
+        """
+        Count this connection under C{bundle} (a L{TcpMetrics}); the first call wins.
+        """
+        if self.bundle is None and not self._done:
+            self.bundle = bundle
+            self._started = bundle.opened()
+
+    def skip(self):
+        """
+        Another protocol counts this connection from now on: count nothing here.
+        """
+        if self.bundle is None:
+            self._done = True
+
+    def closed(self, reason=None):
+        """
+        The connection closed: count it with its bytes and lifetime.
+        """
+        if self._done:
+            return
+        self._done = True
+        bundle = self.bundle
+        if bundle is None:
+            if self._default is None:
+                return
+            bundle = self._default
+            self._started = bundle.opened()
+        bundle.closed(started=self._started, reason=reason, read=self.rx, written=self.tx)
+
+
+def _label_value(value, limit=MAX_LABEL_VALUE):
+    value = str(value)
+    return value if len(value) <= limit else value[:limit]
+
+
+_DST_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def dst_labels(endpoint):
+    """
+    The C{dst_*} label pairs of an endpoint: its discovery C{labels} (from the endpoints file, or the
+    Kubernetes backend), each key prefixed C{dst_}, as Linkerd's destination service gives them. Bounded: at
+    most L{MAX_DST_LABELS} keys, valid Prometheus label names only, values cut at L{MAX_LABEL_VALUE}.
+    """
+    labels = getattr(endpoint, "labels", None) if endpoint is not None else None
+    if not labels:
+        return ()
+    pairs = []
+    for key in sorted(labels):
+        if len(pairs) >= MAX_DST_LABELS:
+            break
+        if isinstance(key, str) and _DST_KEY.match(key):
+            pairs.append(("dst_" + key, _label_value(labels[key])))
+    return tuple(pairs)
+
+
+def tls_labels(tls, peer_key="", peer_id="", no_tls_reason=""):
+    """
+    Linkerd's TLS labels: C{tls="true"} with the peer's identity (C{server_id} outbound, C{client_id}
+    inbound), or C{tls="no_identity"} with C{no_tls_reason}.
+
+    @param tls: C{"true"}, or anything else for no TLS (C{"false"} is read as C{"no_identity"}).
+    @param peer_key: C{"server_id"} or C{"client_id"}.
+    @param no_tls_reason: C{"loopback"}, C{"not_provided_by_remote"}, C{"not_provided_by_service_discovery"},
+        C{"disabled"}...; C{""} when unknown (then the label is left out).
+    """
+    if tls == "true":
+        return (("tls", "true"), (peer_key, peer_id)) if peer_key and peer_id else (("tls", "true"),)
+    if tls in ("false", "", None):
+        tls = "no_identity"
+    return (("tls", tls), ("no_tls_reason", no_tls_reason)) if no_tls_reason else (("tls", tls),)
 
 
 class HttpRouteMetrics:
     """
-    Bound children for one (direction, authority, target, tls, identities) route.
+    Bound children for one (direction, authority, target, TLS, identities, dst_*) route.
     """
 
     __slots__ = ("_metrics", "_labels", "requests", "_responses")
@@ -232,7 +448,7 @@ class HttpRouteMetrics:
         self._metrics = metrics
         self._labels = labels
         #: bound C{request_total} child.
-        self.requests = metrics.request_total.labels(*labels)
+        self.requests = metrics.request_total.child(labels)
         self._responses = {}
 
     def response(self, status_code, grpc_status, latency_ms):
@@ -247,12 +463,14 @@ class HttpRouteMetrics:
         pair = self._responses.get(key)
         if pair is None:
             code = str(status_code)
+            labels = self._labels
             pair = self._responses[key] = (
-                self._metrics.response_total.labels(
-                    *self._labels, classify(status_code, grpc_status), code, grpc_status),
-                self._metrics.response_latency_ms.labels(*self._labels, code),
+                self._metrics.response_total.child(labels + (
+                    ("classification", classify(status_code, grpc_status)), ("status_code", code),
+                    ("grpc_status", grpc_status))),
+                self._metrics.response_latency_ms.child(labels + (("status_code", code),)),
             )
-        pair[0].inc()
+        pair[0].value += 1
         pair[1].observe(latency_ms)
 
 
@@ -271,13 +489,13 @@ class RouteMetrics:
         self._metrics = metrics
         self._labels = labels
         #: bound C{route_request_total} child: once per request, however many attempts.
-        self.requests = metrics.route_request_total.labels(*labels)
+        self.requests = metrics.route_request_total.child(labels)
         #: bound C{route_actual_request_total} child: once per attempt, retries included.
-        self.actual_requests = metrics.route_actual_request_total.labels(*labels)
+        self.actual_requests = metrics.route_actual_request_total.child(labels)
         #: bound C{route_retry_requests_total} child: once per retry sent.
-        self.retries = metrics.route_retry_requests_total.labels(*labels)
+        self.retries = metrics.route_retry_requests_total.child(labels)
         #: bound C{route_retry_budget_exhausted_total} child: once per retry the budget refused.
-        self.budget_exhausted = metrics.route_retry_budget_exhausted_total.labels(*labels)
+        self.budget_exhausted = metrics.route_retry_budget_exhausted_total.child(labels)
         self._responses = {}
         self._actual_responses = {}
 
@@ -287,8 +505,9 @@ class RouteMetrics:
         if pair is None:
             code = str(status_code)
             pair = cache[key] = (
-                total.labels(*self._labels, classify(status_code, grpc_status), code),
-                latency.labels(*self._labels, code),
+                total.child(self._labels + (("classification", classify(status_code, grpc_status)),
+                                            ("status_code", code))),
+                latency.child(self._labels + (("status_code", code),)),
             )
         return pair
 
@@ -324,7 +543,9 @@ class Metrics:
     @ivar registry: what C{/metrics} renders.
     """
 
-    def __init__(self, process=True):
+    def __init__(self, process=True, clock=time.monotonic):
+        #: seconds on a monotonic clock, for connection lifetimes.
+        self.clock = clock
         # Linkerd exports no *_created series; they double the scrape size for nothing.
         disable_created_metrics()
         r = self.registry = CollectorRegistry(auto_describe=False)
@@ -340,22 +561,38 @@ class Metrics:
             HTTP_LABELS + ("status_code",), buckets=LATENCY_BUCKETS_MS)
         r.register(_FamiliesCollector((self.request_total, self.response_total, self.response_latency_ms)))
 
-        # TCP metrics (Linkerd names).
-        self.tcp_open_total = Counter("tcp_open", "TCP connections opened", TCP_LABELS, registry=r)
-        self.tcp_open_connections = Gauge("tcp_open_connections", "TCP connections open now", TCP_LABELS,
-                                          registry=r)
-        self.tcp_close_total = Counter("tcp_close", "TCP connections closed", TCP_LABELS + ("classification",),
-                                       registry=r)
-        self.tcp_read_bytes_total = Counter("tcp_read_bytes", "Bytes read from the peer", TCP_LABELS,
-                                            registry=r)
-        self.tcp_write_bytes_total = Counter("tcp_write_bytes", "Bytes written to the peer", TCP_LABELS,
-                                             registry=r)
+        # TCP metrics (Linkerd names), for every connection: plain numbers too (see TcpMetrics).
+        self.tcp_open_total = CounterFamily("tcp_open", "TCP connections opened", TCP_LABELS)
+        self.tcp_open_connections = GaugeFamily("tcp_open_connections", "TCP connections open now", TCP_LABELS)
+        self.tcp_close_total = CounterFamily("tcp_close", "TCP connections closed",
+                                             TCP_LABELS + ("classification", "errno"))
+        self.tcp_connection_duration_ms = HistogramFamily(
+            "tcp_connection_duration_ms", "Connection lifetimes, in ms", TCP_LABELS + ("classification", "errno"),
+            buckets=LATENCY_BUCKETS_MS)
+        self.tcp_read_bytes_total = CounterFamily("tcp_read_bytes", "Bytes read from the peer", TCP_LABELS)
+        self.tcp_write_bytes_total = CounterFamily("tcp_write_bytes", "Bytes written to the peer", TCP_LABELS)
+        r.register(_FamiliesCollector((
+            self.tcp_open_total, self.tcp_open_connections, self.tcp_close_total, self.tcp_connection_duration_ms,
+            self.tcp_read_bytes_total, self.tcp_write_bytes_total)))
         self.tcp_connect_error_total = Counter(
             "tcp_connect_error", "Upstream connects that failed or timed out", ("direction", "target_addr", "error"),
             registry=r)
         self.tcp_protocol_error_total = Counter(
             "tcp_protocol_error", "Connections closed for garbage on the TCP, TLS or HTTP layer",
             ("direction", "protocol", "error"), registry=r)
+
+        # Errors the proxy answered for itself, Linkerd's {inbound,outbound}_http_errors_total{error}.
+        self.http_errors_total = {
+            direction: CounterFamily(f"{direction}_http_errors", f"{direction.capitalize()} HTTP requests the "
+                                     "proxy answered with its own error (l5d-proxy-error)", ("error",))
+            for direction in ("inbound", "outbound")}
+        r.register(_FamiliesCollector(tuple(self.http_errors_total.values())))
+
+        # What this proxy is.
+        build = Gauge("proxy_build_info", "linkproxy's build: version and runtime", ("version", "git_sha",
+                                                                                   "profile", "vendor"),
+                      registry=r)
+        build.labels(_version(), "", "release", "linkproxy").set(1)
 
         # Protocol detection.
         self.protocol_detect_total = Counter(
@@ -364,6 +601,10 @@ class Metrics:
             "tls_client_hello", "TLS ClientHellos seen during detection, by SNI", ("direction", "sni"),
             registry=r)
         self._sni_seen = set()
+        self.protocol_detect_duration_ms = HistogramFamily(
+            "protocol_detect_duration_ms", "Time from accept to the protocol decision, in ms",
+            ("direction", "protocol"), buckets=DETECT_BUCKETS_MS)
+        r.register(_FamiliesCollector((self.protocol_detect_duration_ms,)))
 
         # Profile route metrics (Linkerd's ServiceProfile names), cheap families as above.
         response_labels = ROUTE_LABELS + ("classification", "status_code")
@@ -395,34 +636,73 @@ class Metrics:
         self._tcp = {}
         self._http = {}
         self._routes = {}
+        self._authorities = set()
 
-    def tcp(self, direction, peer, tls, target_addr):
+    def _bounded_authority(self, authority):
+        seen = self._authorities
+        if authority in seen or not authority:
+            return authority
+        if len(seen) >= MAX_AUTHORITY_VALUES:
+            return "overflow"
+        seen.add(authority)
+        return authority
+
+    def tcp(self, direction, peer, tls, target_addr, *, authority="", peer_id="", no_tls_reason="", dst=()):
         """
         @param peer: C{"src"} for the accepted side, C{"dst"} for the connection the proxy opened.
-        @param tls: C{"true"}, C{"false"} or a Linkerd-style reason such as C{"no_identity"}.
-        @return: the cached L{TcpMetrics} for these labels.
+        @param tls: C{"true"}, or C{"no_identity"} (C{"false"} means the same) with C{no_tls_reason}.
+        @param authority: the logical target, when the connection has one.
+        @param peer_id: the peer's identity under TLS: C{client_id} for C{src}, C{server_id} for C{dst}.
+        @param dst: C{dst_*} label pairs (L{dst_labels}).
+        @return: the cached L{TcpMetrics} for these labels. Past L{MAX_TCP_SERIES} label sets, new ones share
+            one whose authority and target are C{"overflow"}.
         """
-        key = (direction, peer, tls, target_addr)
+        key = (direction, peer, tls, target_addr, authority, peer_id, no_tls_reason, dst)
         bundle = self._tcp.get(key)
         if bundle is None:
-            bundle = self._tcp[key] = TcpMetrics(self, key)
+            if len(self._tcp) >= MAX_TCP_SERIES:
+                key = (direction, peer, tls, "overflow", "overflow" if authority else "", "", no_tls_reason, ())
+                bundle = self._tcp.get(key)
+            if bundle is None:
+                labels = (("direction", direction), ("peer", peer))
+                if key[4]:
+                    labels += (("authority", self._bounded_authority(key[4])),)
+                labels += (("target_addr", key[3]),)
+                labels += tls_labels(tls, "client_id" if peer == "src" else "server_id", key[5], no_tls_reason)
+                bundle = self._tcp[key] = TcpMetrics(self, labels + key[7])
         return bundle
 
-    def http_route(self, direction, authority, target_addr, tls="false", client_id="", server_id=""):
+    def http_route(self, direction, authority, target_addr, tls="false", client_id="", server_id="", *,
+                   no_tls_reason="", dst=()):
         """
+        @param tls: C{"true"}, or C{"no_identity"} (C{"false"} means the same) with C{no_tls_reason}.
+        @param dst: C{dst_*} label pairs (L{dst_labels}), outbound.
         @return: the cached L{HttpRouteMetrics} for these labels; bind it once per connection or route.
         """
-        key = (direction, authority, target_addr, tls, client_id, server_id)
+        key = (direction, authority, target_addr, tls, client_id, server_id, no_tls_reason, dst)
         bundle = self._http.get(key)
         if bundle is None:
             if len(self._http) >= MAX_HTTP_ROUTES:
-                key = (direction, "overflow", "overflow", tls, client_id, server_id)
+                key = (direction, "overflow", "overflow", tls, client_id, server_id, no_tls_reason, ())
                 bundle = self._http.get(key)
             if bundle is None:
-                bundle = self._http[key] = HttpRouteMetrics(self, key)
+                labels = (("direction", direction), ("authority", key[1]), ("target_addr", key[2]))
+                if direction == "inbound":
+                    labels += tls_labels(tls, "client_id", client_id, no_tls_reason)
+                else:
+                    labels += tls_labels(tls, "server_id", server_id, no_tls_reason)
+                bundle = self._http[key] = HttpRouteMetrics(self, labels + key[7])
         return bundle
 
-    def route(self, direction, authority, rt_route, tls="false"):
+    def http_error(self, direction, error):
+        """
+        Count one response the proxy made itself, by a bounded C{error} label (L{error_label}).
+        """
+        family = self.http_errors_total.get(direction)
+        if family is not None:
+            family.child((("error", error_label(error)),)).value += 1
+
+    def route(self, direction, authority, rt_route, tls=None):
         """
         The bound metrics of one profile route; bind it once per route (or per connection and route), not per
         request.
@@ -430,7 +710,8 @@ class Metrics:
         @param direction: C{"outbound"} or C{"inbound"}.
         @param authority: the profile's target, canonical C{"host:port"} (the C{authority} and C{dst} labels).
         @param rt_route: the route's name, or C{"default"}.
-        @param tls: C{"true"}, C{"false"} or a Linkerd-style reason, as on the golden metrics.
+        @param tls: inbound, the client connection's C{tls} (C{"true"} or C{"no_identity"}); C{None} leaves
+            the label out (outbound: a route is counted before its endpoint, and so the hop's TLS, is known).
         @return: the cached L{RouteMetrics} for these labels. Past L{MAX_ROUTE_SERIES} label sets, new ones
             share one whose target and route are C{"overflow"}.
         """
@@ -441,17 +722,23 @@ class Metrics:
                 key = (direction, "overflow", "overflow", tls)
                 bundle = self._routes.get(key)
             if bundle is None:
-                bundle = self._routes[key] = RouteMetrics(self, (key[0], key[1], key[1], key[2], key[3]))
+                labels = (("direction", key[0]), ("authority", key[1]), ("dst", key[1]), ("rt_route", key[2]))
+                if tls is not None:
+                    labels += (("tls", tls),)
+                bundle = self._routes[key] = RouteMetrics(self, labels)
         return bundle
 
-    def detected(self, direction, protocol, reason, sni=None):
+    def detected(self, direction, protocol, reason, sni=None, elapsed=None):
         """
         Count one detection outcome, and the SNI of a ClientHello when there was one.
 
         @param protocol: C{"tls"}, C{"h2"}, C{"http1"} or C{"opaque"}.
         @param reason: C{"detected"}, C{"timeout"}, C{"opaque_port"}, C{"eof"}, C{"overflow"}...
+        @param elapsed: seconds from accept to the decision, for C{protocol_detect_duration_ms}.
         """
         self.protocol_detect_total.labels(direction, protocol, reason).inc()
+        if elapsed is not None:
+            self.protocol_detect_duration_ms.labels(direction, protocol).observe(elapsed * 1000.0)
         if protocol == "tls":
             label = sni or ""
             if label not in self._sni_seen:
@@ -460,3 +747,32 @@ class Metrics:
                 else:
                     self._sni_seen.add(label)
             self.tls_client_hello_total.labels(direction, label).inc()
+
+
+_POLICY_NAMES = {"unauthenticated": "all-unauthenticated", "authenticated": "all-authenticated",
+                 "allow": "identity-allow-list", "deny": "deny"}
+
+
+def policy_name(policy):
+    """
+    The C{srv_name}/C{authz_name} of an inbound policy mode, after Linkerd's default policy names.
+    """
+    return _POLICY_NAMES.get(policy, "overflow")
+
+
+_ERROR_LABEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def error_label(error):
+    """
+    The C{error} label of a proxy error: its class in snake case (C{NoEndpoints} is C{no_endpoints},
+    C{ResponseTimeout} is C{response_timeout}); a closed set, the classes of L{linkproxy.core.errors}.
+    """
+    if isinstance(error, str):
+        return error
+    return _ERROR_LABEL.sub("_", type(error).__name__).lower()
+
+
+def _version():
+    from linkproxy import __version__
+    return __version__

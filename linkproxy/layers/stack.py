@@ -29,7 +29,8 @@ class RequestStack:
     pools, see L{linkproxy.layers.endpoint}).
     """
 
-    def __init__(self, direction, router, metrics, response_timeout, profiles=None, rng=None, tap=None):
+    def __init__(self, direction, router, metrics, response_timeout, profiles=None, rng=None, tls=None,
+                 tap=None):
         """
         @param direction: C{"inbound"} or C{"outbound"}, the metrics label.
         @param router: the direction's L{linkproxy.interfaces.IRouter}.
@@ -37,6 +38,8 @@ class RequestStack:
         @param response_timeout: the listener's response timeout, in seconds.
         @param profiles: the live L{linkproxy.discovery.profiles.Profiles}, or C{None}.
         @param rng: the L{random.Random} splits pick with (seeded in tests).
+        @param tls: the C{tls} label of the route metrics: inbound, the TLS of the client connection this stack
+            serves; C{None} (no label) outbound, where a route is counted before an endpoint is chosen.
         @param tap: the process's L{linkproxy.layers.tap.TapLayer}; a private one (never watched) when not given.
         """
         if rng is None:
@@ -45,6 +48,7 @@ class RequestStack:
         self.direction = direction
         self.profiles = profiles
         self.metrics = metrics
+        self.tls = tls
         self.route = RouteLayer(profiles)
         self.split = SplitLayer(profiles, rng)
         self.timeout = TimeoutLayer(response_timeout)
@@ -72,7 +76,8 @@ class RequestStack:
             call.concrete = self.split.concrete(profile, authority)
             call.budget = self.profiles.budget(profile.target)
             call.budget.deposit(now)
-            metrics = call.metrics = self.metrics.route(self.direction, profile.target, route.name)
+            metrics = call.metrics = self.metrics.route(self.direction, profile.target, route.name,
+                                                              self.tls)
             metrics.requests.inc()
         call.timeout, call.timeout_reason = self.timeout.limit(route, grpc_timeout)
         return call

@@ -8,6 +8,7 @@ import weakref
 from twisted.internet.defer import fail
 from zope.interface import implementer
 
+from linkproxy.admin.metrics import policy_name
 from linkproxy.core.errors import Forbidden
 from linkproxy.core.policy import authorize
 from linkproxy.interfaces import ISyncRouter
@@ -18,7 +19,8 @@ MAX_AUTHZ_CLIENT_IDS = 1000
 MAX_AUTHZ_TARGETS = 100
 
 _AUTHZ_BY_REGISTRY = weakref.WeakKeyDictionary()
-_AUTHZ_LABELS = ("target_addr", "policy", "tls", "client_id")
+_AUTHZ_LABELS = ("target_addr", "policy", "tls", "client_id", "srv_group", "srv_kind", "srv_name", "srv_port")
+_ALLOW_LABELS = _AUTHZ_LABELS + ("authz_group", "authz_kind", "authz_name")
 
 
 class AuthzDecision:
@@ -44,8 +46,11 @@ class AuthzDecision:
 class AuthzMetrics:
     """
     C{inbound_tcp_authz_allow_total}, C{inbound_tcp_authz_deny_total}, C{inbound_http_authz_allow_total} and
-    C{inbound_http_authz_deny_total}, labelled C{target_addr}, C{policy}, C{tls}, C{client_id} (and C{reason}
-    on denials), on one registry.
+    C{inbound_http_authz_deny_total}, labelled C{target_addr}, C{policy}, C{tls}, C{client_id}, Linkerd's
+    C{srv_group}/C{srv_kind}/C{srv_name}/C{srv_port}, C{authz_group}/C{authz_kind}/C{authz_name} on allows and
+    C{reason} on denials, on one registry. linkproxy has no Server or AuthorizationPolicy resources: the server
+    and the authorization are the process's one policy mode, named as Linkerd names its default policies
+    (C{srv_kind="default"}, C{srv_name="all-unauthenticated"}, see L{linkproxy.admin.metrics.policy_name}).
     """
 
     def __init__(self, registry):
@@ -55,7 +60,7 @@ class AuthzMetrics:
             unit = "connections" if kind == "tcp" else "requests"
             self._families[kind] = (
                 Counter(f"inbound_{kind}_authz_allow", f"Inbound {kind.upper()} {unit} the policy allowed",
-                        _AUTHZ_LABELS, registry=registry),
+                        _ALLOW_LABELS, registry=registry),
                 Counter(f"inbound_{kind}_authz_deny", f"Inbound {kind.upper()} {unit} the policy denied",
                         _AUTHZ_LABELS + ("reason",), registry=registry),
             )
@@ -85,9 +90,14 @@ class AuthzMetrics:
         """
         allowed, reason = authorize(policy, allow, peer.client_id, peer.tls)
         allow_family, deny_family = self._families[kind]
-        labels = (self._bounded(self._targets, target_addr, MAX_AUTHZ_TARGETS), policy, peer.tls,
-                  self._bounded(self._client_ids, peer.client_id or "", MAX_AUTHZ_CLIENT_IDS))
-        counter = allow_family.labels(*labels) if allowed else deny_family.labels(*labels, reason)
+        target = self._bounded(self._targets, target_addr, MAX_AUTHZ_TARGETS)
+        name = policy_name(policy)
+        labels = (target, policy, peer.tls, self._bounded(self._client_ids, peer.client_id or "", MAX_AUTHZ_CLIENT_IDS),
+                  "", "default", name, target.rpartition(":")[2])
+        if allowed:
+            counter = allow_family.labels(*labels, "", "default", name)
+        else:
+            counter = deny_family.labels(*labels, reason)
         return AuthzDecision(allowed, reason, counter)
 
 

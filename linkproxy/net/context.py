@@ -5,6 +5,8 @@ What an HTTP server protocol (HTTP/1 or HTTP/2) needs from the assembly, bundled
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from linkproxy.admin.metrics import dst_labels
+
 
 @dataclass
 class HttpSettings:
@@ -32,6 +34,7 @@ class HttpSettings:
     @ivar profiles: the live L{linkproxy.discovery.profiles.Profiles}, or C{None}.
     @ivar stack: the direction's L{linkproxy.layers.stack.RequestStack} over C{router}; built from the fields
         above when not given (or when a copy of the settings has another router).
+    @ivar route_tls: the C{tls} label of the route metrics of a stack built here (see the stack's C{tls}).
     """
 
     direction: str
@@ -49,6 +52,7 @@ class HttpSettings:
     profiles: Optional[Any] = None
     stack: Optional[Any] = None
     endpoints: Optional[Any] = None
+    route_tls: Optional[str] = None
 
     @property
     def h1_pool(self):
@@ -74,7 +78,8 @@ class HttpSettings:
         if stack is None or stack.balance.router is not self.router:
             from linkproxy.layers.stack import RequestStack
             self.stack = RequestStack(self.direction, self.router, self.metrics, self.response_timeout,
-                                      profiles=self.profiles, tap=stack.tap if stack is not None else None)
+                                      profiles=self.profiles, tls=self.route_tls,
+                                      tap=stack.tap if stack is not None else None)
 
 
 @dataclass(frozen=True)
@@ -82,17 +87,23 @@ class PeerInfo:
     """
     What is known about the client of one accepted connection.
 
-    @ivar tls: the metric label: C{"true"} when the connection is mTLS between proxies, else C{"false"}.
+    @ivar tls: the metric label: C{"true"} when the connection is mTLS between proxies, else
+        C{"no_identity"} (Linkerd's values).
     @ivar client_id: the verified client identity (meshed clients only), else C{None}.
     @ivar server_id: this proxy's own identity when it terminated mTLS, else C{None}.
+    @ivar no_tls_reason: why there is no TLS, Linkerd's C{no_tls_reason} label: C{"not_provided_by_remote"}
+        (the client sent plaintext), C{"disabled"} (this proxy has no identity); C{""} under TLS.
     """
 
-    tls: str = "false"
+    tls: str = "no_identity"
     client_id: Optional[str] = None
     server_id: Optional[str] = None
+    no_tls_reason: str = "not_provided_by_remote"
 
 
 PLAIN = PeerInfo()
+#: A plaintext client of a proxy that has no identity configured.
+PLAIN_NO_IDENTITY = PeerInfo(no_tls_reason="disabled")
 
 
 def route_metrics(settings, peer, authority, endpoint):
@@ -100,15 +111,33 @@ def route_metrics(settings, peer, authority, endpoint):
     The bound HTTP metrics for one (authority, endpoint) on one connection.
 
     Outbound, the TLS labels describe the hop to the endpoint (C{tls="true"} and its identity as
-    C{server_id} when it is reached over mTLS); inbound, they describe the client (C{client_id} when meshed).
+    C{server_id} when it is reached over mTLS, else C{tls="no_identity"} with Linkerd's C{no_tls_reason}), and
+    the endpoint's discovery labels become C{dst_*}; inbound, they describe the client (C{client_id} when
+    meshed).
 
     @param endpoint: the chosen L{linkproxy.core.endpoint.Endpoint}, or C{None} when none was chosen.
     @return: a L{linkproxy.admin.metrics.HttpRouteMetrics}.
     """
     target_addr = endpoint.addr_str if endpoint is not None else ""
+    metrics = settings.metrics
     if settings.direction == "outbound":
-        meshed = endpoint is not None and endpoint.meshed and getattr(settings.connector, "meshed", None)
-        tls, client_id, server_id = ("true", "", endpoint.identity) if meshed else ("false", "", "")
-    else:
-        tls, client_id, server_id = peer.tls, peer.client_id or "", peer.server_id or ""
-    return settings.metrics.http_route(settings.direction, authority, target_addr, tls, client_id, server_id)
+        tls, reason, server_id = endpoint_tls(settings.connector, endpoint)
+        return metrics.http_route("outbound", authority, target_addr, tls, "", server_id, no_tls_reason=reason,
+                                  dst=dst_labels(endpoint))
+    return metrics.http_route(settings.direction, authority, target_addr, peer.tls, peer.client_id or "",
+                              peer.server_id or "", no_tls_reason=peer.no_tls_reason if peer.tls != "true" else "")
+
+
+def endpoint_tls(connector, endpoint):
+    """
+    The TLS labels of a connection to C{endpoint}: C{("true", "", identity)} over mTLS, else
+    C{("no_identity", reason, "")} with Linkerd's reason: C{"not_provided_by_service_discovery"} for an endpoint
+    discovery gave no identity, C{"disabled"} when this proxy has none.
+    """
+    if endpoint is None:
+        return "no_identity", "not_provided_by_service_discovery", ""
+    if endpoint.meshed:
+        if getattr(connector, "meshed", None) is not None:
+            return "true", "", endpoint.identity
+        return "no_identity", "disabled", ""
+    return "no_identity", "not_provided_by_service_discovery", ""

@@ -625,6 +625,8 @@ class Stream:
         if self.done:
             return
         self.error = error.reason
+        settings = self.server.settings
+        settings.metrics.http_error(settings.direction, error)
         self._cancel_timer()
         # Only the endpoint's own failures count against it; the proxy's rejections of the client do not.
         self.release(False if blames_endpoint(error) else None)

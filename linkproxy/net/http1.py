@@ -350,6 +350,7 @@ class Http1ServerProtocol(Protocol):
             self._emit_fatal(err)
 
     def _emit_fatal(self, err):
+        self.settings.metrics.http_error(self.settings.direction, err)
         self._count_error(err.status, 0.0, err.reason)
         self._out.append(h1.error_response(err.status, err.reason, close=True))
         self._close_when_flushed = True
@@ -915,6 +916,7 @@ class Http1ServerProtocol(Protocol):
         self._release(False if blames_endpoint(err) else None)
         self._cancel_upstream()
         self._failed = True
+        self.settings.metrics.http_error(self.settings.direction, err)
         self._count_error(err.status, (self._reactor.seconds() - self._t0) * 1000.0, err.reason)
         if self._resp_started:
             self._p_dead = True

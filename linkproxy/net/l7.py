@@ -17,9 +17,12 @@ def http_layer(runtime, direction, stack):
         server protocol as C{server(settings, peer)}.
     """
     from linkproxy.net.http1 import Http1ServerProtocol
+    from linkproxy.net.tcp import MeteredConnector
     config = runtime.config
+    # HTTP client connections count in the TCP metrics (peer="dst") too.
+    connector = MeteredConnector(runtime.connector, runtime.metrics, direction)
     settings = HttpSettings(
-        direction=direction, router=stack.balance.router, connector=runtime.connector, metrics=runtime.metrics,
+        direction=direction, router=stack.balance.router, connector=connector, metrics=runtime.metrics,
         reactor=runtime.reactor, response_timeout=config.response_timeout,
         max_header_bytes=config.max_header_bytes, pool_idle_timeout=config.pool_idle_timeout,
         pool_max_idle=config.pool_max_idle, tracker=runtime.tracker,

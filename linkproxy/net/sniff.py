@@ -44,7 +44,7 @@ class SniffingProtocol(Protocol):
     _log = Logger(namespace="linkproxy.net.sniff")
 
     def __init__(self, on_detected: OnDetected, *, reactor: IReactorTime, timeout: Optional[float], metrics,
-                 direction: str, max_bytes: int = DETECT_BUFFER, skip: bool = False):
+                 direction: str, max_bytes: int = DETECT_BUFFER, skip: bool = False, tcp=None):
         """
         @param on_detected: see L{OnDetected}.
         @param reactor: schedules the detection timeout.
@@ -54,6 +54,9 @@ class SniffingProtocol(Protocol):
         @param direction: the C{direction} metric label, C{"inbound"} or C{"outbound"}.
         @param max_bytes: the detection buffer bound (see L{detect}).
         @param skip: the port is configured opaque: decide opaque at once, without reading.
+        @param tcp: the connection's L{linkproxy.admin.metrics.TcpConnection}, or L{None}: this protocol
+            counts every byte read and (through the direct writer) written on it, and its close. Whoever takes
+            the connection over binds its labels, or hands the counting over with C{skip()}.
         """
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, not {max_bytes!r}")
@@ -71,6 +74,8 @@ class SniffingProtocol(Protocol):
         self._timer = None
         self._write_lost = False
         self._next: Optional[IProtocol] = None
+        self._tcp = tcp
+        self._accepted = None
         self.detection: Optional[Detection] = None
 
     # -- IProtocol ------------------------------------------------------------------------------------------------
@@ -80,7 +85,8 @@ class SniffingProtocol(Protocol):
         Start the timeout, or decide opaque at once on an opaque port.
         """
         # Whatever protocol takes the connection over (TLS included) writes straight to the socket.
-        install_direct_write(self.transport)
+        install_direct_write(self.transport, self._tcp)
+        self._accepted = self._reactor.seconds()
         if self._skip:
             self._decide(Detection(Detected.OPAQUE, "opaque_port"))
         elif self._timeout is not None:
@@ -90,6 +96,9 @@ class SniffingProtocol(Protocol):
         """
         Buffer C{data} and try to decide; once decided, pass it on.
         """
+        tcp = self._tcp
+        if tcp is not None:
+            tcp.rx += len(data)
         if self._state == _DELEGATING:
             self._next.dataReceived(data)
             return
@@ -115,6 +124,10 @@ class SniffingProtocol(Protocol):
             # Nothing to hand over: the connection is gone in both directions.
             self._count(detect(self._buffer, final=True, max_bytes=self._max_bytes))
             self._buffer = b""
+        tcp = self._tcp
+        if tcp is not None:
+            self._tcp = None
+            tcp.closed(reason)
 
     # -- IHalfCloseableProtocol -----------------------------------------------------------------------------------
 
@@ -178,7 +191,8 @@ class SniffingProtocol(Protocol):
     def _count(self, detection: Detection):
         self.detection = detection
         sni = detection.client_hello.sni if detection.client_hello is not None else None
-        self._metrics.detected(self._direction, detection.protocol.value, detection.reason, sni)
+        elapsed = self._reactor.seconds() - self._accepted if self._accepted is not None else None
+        self._metrics.detected(self._direction, detection.protocol.value, detection.reason, sni, elapsed)
 
     def _decide(self, detection: Detection):
         self._cancel_timer()

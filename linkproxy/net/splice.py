@@ -39,6 +39,7 @@ class SpliceSide(Protocol):
     """
 
     peer = None
+    _started = None
     _read_closed = False
     _write_closed = False
     _closed = False
@@ -54,7 +55,7 @@ class SpliceSide(Protocol):
     def connectionMade(self):
         set_nodelay(self.transport)
         self.write = direct_writer(self.transport)
-        self.metrics.opened()
+        self._started = self.metrics.opened()
 
     def dataReceived(self, data):
         self._read_bytes.inc(len(data))
@@ -84,7 +85,7 @@ class SpliceSide(Protocol):
         if self._closed:
             return
         self._closed = True
-        self.metrics.closed(reason.check(ConnectionDone) is not None)
+        self.metrics.closed(started=self._started, reason=reason)
         peer = self.peer
         if peer is not None and not peer._closed:
             # loseConnection flushes what is buffered for the peer first; a reset here must not drop those bytes.

@@ -8,8 +8,11 @@ from twisted.internet import error
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
+from linkproxy.admin.metrics import dst_labels
 from linkproxy.core.errors import ProxyError
+from linkproxy.net.context import endpoint_tls
 from linkproxy.net.splice import AcceptedSplice, SpliceSide
+from linkproxy.net.twisted_private import on_tcp_close, tcp_connection
 
 log = Logger(namespace="linkproxy.net.tcp")
 
@@ -52,8 +55,10 @@ def opaque_proxy(runtime, router, authority, direction, src_metrics):
     def connect():
         def routed(lease):
             endpoint = lease.endpoint
-            dst_tls = "true" if endpoint.meshed and runtime.connector.meshed is not None else "false"
-            upstream = SpliceSide(metrics.tcp(direction, "dst", dst_tls, endpoint.addr_str))
+            tls, reason, server_id = endpoint_tls(runtime.connector, endpoint)
+            upstream = SpliceSide(metrics.tcp(direction, "dst", tls, endpoint.addr_str, authority=authority or "",
+                                              peer_id=server_id, no_tls_reason=reason,
+                                              dst=dst_labels(endpoint)))
 
             def connected(_):
                 lease.release(True)
@@ -80,3 +85,45 @@ def opaque_proxy(runtime, router, authority, direction, src_metrics):
                      authority=authority, error=failure.getErrorMessage())
 
     return AcceptedSplice(src_metrics, connect, on_connect_error=connect_failed, tracker=runtime.tracker)
+
+
+class MeteredConnector:
+    """
+    One direction's connector for HTTP client connections: a L{linkproxy.net.connect.Connector} that counts
+    each connection it opens in the TCP metrics (C{peer="dst"}), with the endpoint's TLS and C{dst_*} labels.
+
+    Bytes are the kernel's counts, read when the connection closes (Linkerd adds them at close too), so the
+    data path does nothing per read or write. Pooled connections serve many authorities, so they carry no
+    C{authority} label. (The opaque splice counts its upstream itself and connects with the plain connector.)
+    """
+
+    def __init__(self, connector, metrics, direction):
+        self._connector = connector
+        self._metrics = metrics
+        self._direction = direction
+
+    @property
+    def meshed(self):
+        """The wrapped connector's C{meshed} (see L{linkproxy.net.connect.Connector})."""
+        return self._connector.meshed
+
+    def connect(self, endpoint, protocol, session_protocol=None):
+        """
+        As L{linkproxy.net.connect.Connector.connect}, counting the connection once it is made.
+        """
+        return self._connector.connect(endpoint, protocol, session_protocol).addCallback(self._connected, endpoint)
+
+    def _connected(self, protocol, endpoint):
+        connection = tcp_connection(getattr(protocol, "transport", None))
+        if connection is not None:
+            if self._direction == "inbound":
+                # To the local app, over loopback.
+                tls, reason, server_id = "no_identity", "loopback", ""
+            else:
+                tls, reason, server_id = endpoint_tls(self._connector, endpoint)
+            bundle = self._metrics.tcp(self._direction, "dst", tls, endpoint.addr_str, peer_id=server_id,
+                                       no_tls_reason=reason, dst=dst_labels(endpoint))
+            started = bundle.opened()
+            on_tcp_close(connection, lambda why, read, written: bundle.closed(
+                started=started, reason=why, read=read, written=written))
+        return protocol

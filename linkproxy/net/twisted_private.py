@@ -23,6 +23,8 @@ What this module relies on:
     C{twisted.internet.abstract.FileDescriptor}: C{dataBuffer}, C{offset}, the private C{_tempDataLen} and
     C{_writeDisconnected}, with C{connected} and C{disconnecting}. Nothing is queued exactly when
     C{_tempDataLen} is 0 and C{len(dataBuffer) == offset}.
+  - L{on_tcp_close}: that C{Connection.connectionLost} is looked up on the instance when the reactor calls
+    it (and from C{abortConnection}'s C{callLater}), and that the socket is still open when it starts.
   - C{twisted.protocols.tls.TLSMemoryBIOProtocol}: the private methods C{_unbufferPendingWrites} (extended) and
     C{_flushReceiveBIO} (replaced, as a copy of Twisted's loop with the half-close change), C{_flushSendBIO},
     C{_shutdownTLS} and C{_tlsShutdownFinished}, and the private attributes C{_tlsConnection},
@@ -34,6 +36,7 @@ What this module relies on:
 """
 
 import socket
+import struct
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.tcp import Connection
@@ -41,7 +44,8 @@ from twisted.python.failure import Failure
 
 # Made on first access (see __getattr__), so pyflakes cannot see them defined.
 _LAZY = ("MeshTLSTransport",)
-__all__ = ["AUDITED", "direct_writer", "endpoint_port", "install_direct_write", *_LAZY]
+__all__ = ["AUDITED", "direct_writer", "endpoint_port", "install_direct_write", "on_tcp_close", "tcp_connection",
+           *_LAZY]
 
 #: The Twisted releases the code here was checked against, as C{(lower, upper)} version specifiers: 23.10.0 and
 #: 26.10.0 were read, and agree on everything listed above. C{setup.cfg} must carry the same bounds
@@ -53,7 +57,7 @@ AUDITED = {
 
 # --- Direct socket writes -----------------------------------------------------------------------------------
 
-def direct_writer(transport):
+def direct_writer(transport, counter=None):
     """
     A C{write} for C{transport} that sends at once when nothing is queued, instead of on the next reactor turn.
 
@@ -62,6 +66,9 @@ def direct_writer(transport):
     queue is empty the bytes go straight to the socket, and only what the kernel did not take is queued with
     the ordinary C{write} (so ordering, backpressure and close handling stay Twisted's). Transports that are
     not plain TCP connections (TLS, test transports) get their own C{write}.
+
+    @param counter: an object whose C{tx} attribute gets the length of every write (the connection's
+        C{tcp_write_bytes_total}, see L{linkproxy.admin.metrics.TcpConnection}), or C{None}.
     """
     # An exact type test: wrappers such as the TLS transport forward unknown attributes to the TCP transport
     # beneath them, and sending to that socket would bypass the wrapper (plaintext past TLS).
@@ -75,6 +82,8 @@ def direct_writer(transport):
     send = transport.socket.send
 
     def direct_write(data):
+        if counter is not None:
+            counter.tx += len(data)
         if (transport._tempDataLen or len(transport.dataBuffer) != transport.offset
                 or not transport.connected or transport.disconnecting or transport._writeDisconnected):
             write(data)
@@ -93,18 +102,79 @@ def direct_writer(transport):
     return direct_write
 
 
-def install_direct_write(transport):
+def install_direct_write(transport, counter=None):
     """
     Make C{transport.write} itself the L{direct_writer}, for every protocol that writes to it.
 
     This is how wrapping protocols benefit too: a TLS layer writes its records to the TCP transport beneath
     it, and those writes then go straight to the socket when nothing is queued. A no-op for transports that
     are not plain TCP connections.
+
+    @param counter: see L{direct_writer}: counts every byte written to the socket (TLS records included).
     """
     if isinstance(transport, Connection) and "write" not in transport.__dict__:
-        writer = direct_writer(transport)
+        writer = direct_writer(transport, counter)
         if writer is not transport.write:
             transport.write = writer
+
+
+# --- Connection close with the kernel's byte counts ----------------------------------------------------
+
+def _tcp_bytes(sock):
+    # struct tcp_info (linux/tcp.h): tcpi_bytes_acked at offset 120 and tcpi_bytes_received at 128 (Linux 4.2+).
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 136)
+    except (OSError, ValueError):
+        return 0, 0
+    if len(info) < 136:
+        return 0, 0
+    acked, received = struct.unpack_from("=QQ", info, 120)
+    # The acknowledgement of our SYN counts one byte of sequence space; our FIN is not sent yet.
+    return received, max(acked - 1, 0)
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+
+
+def tcp_connection(transport):
+    """
+    The plain TCP connection under C{transport} (itself, or what a TLS transport wraps), or C{None}.
+    """
+    for _ in range(3):
+        if isinstance(transport, Connection):
+            return transport if isinstance(transport.__dict__.get("socket"), socket.socket) else None
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+def on_tcp_close(transport, callback):
+    """
+    Call C{callback(reason, read, written)} once the TCP connection C{transport} closes, just before its
+    protocol hears of it: C{read} and C{written} are the kernel's counts of bytes received and sent (acknowledged) on
+    the socket, read just before Twisted closes it (0 where the platform has no C{TCP_INFO}). Nothing runs on
+    reads or writes.
+
+    Relies on C{Connection.connectionLost} being looked up on the instance when the reactor (or
+    C{abortConnection}) calls it, and on the socket still being open when it is called.
+
+    @return: C{True} when installed, C{False} for a transport that is not a plain TCP connection.
+    """
+    connection = tcp_connection(transport)
+    if connection is None or "connectionLost" in connection.__dict__:
+        return False
+    lost = connection.connectionLost
+
+    def connectionLost(reason):
+        sock = connection.__dict__.get("socket")
+        read, written = _tcp_bytes(sock) if sock is not None else (0, 0)
+        del connection.connectionLost
+        try:
+            callback(reason, read, written)
+        finally:
+            lost(reason)
+
+    connection.connectionLost = connectionLost
+    return True
 
 
 # --- TLS transport with half-close ----------------------------------------------------------------------

@@ -136,7 +136,7 @@ class EjectionLogTests(TestCase):
         victim.kill()
         for _ in range(20):
             http1_requests(port, SERVICE, 10, threads=2)
-        wait_for(lambda: (proxy.metric("balancer_endpoints", state="ejected") or 0) >= 1, timeout=5,
+        wait_for(lambda: (proxy.metric("outbound_http_balancer_endpoints", endpoint_state="ejected") or 0) >= 1, timeout=5,
                  interval=0.1, what="the killed endpoint to be ejected")
         deadline = time.monotonic() + 2.5
         while time.monotonic() < deadline:

@@ -17,8 +17,10 @@ class BalanceLayer:
         # An ISyncRouter answers at once and steers retries; any other IRouter (a plugin's, written before
         # ISyncRouter existed) is asked through its Deferred, and a retry goes wherever it sends it.
         sync = ISyncRouter.providedBy(router)
-        self._route_now = router.route_now if sync else None
-        self._avoids = sync
+        #: The router's synchronous form, or C{None}.
+        self.route_now = router.route_now if sync else None
+        #: Whether the router steers away from C{avoid}.
+        self.avoids = sync
 
     def pick(self, authority, avoid, now, later, failed):
         """
@@ -28,6 +30,6 @@ class BalanceLayer:
             target has another.
         @return: the Deferred to cancel while the attempt waits for discovery, else C{None}.
         """
-        return route_request(self.router, self._route_now, authority, now, later, failed,
-                             avoid if self._avoids else None)
+        return route_request(self.router, self.route_now, authority, now, later, failed,
+                             avoid if self.avoids else None)
 

@@ -14,11 +14,13 @@ A target without a profile costs one dictionary lookup and one small object per 
 """
 
 from linkproxy.core import retry as rules
+from linkproxy.core.profile import DEFAULT_ROUTE
 from linkproxy.layers.balance import BalanceLayer
 from linkproxy.layers.retry import RetryLayer
 from linkproxy.layers.route import RouteLayer
 from linkproxy.layers.split import SplitLayer
 from linkproxy.layers.timeout import TimeoutLayer
+from linkproxy.routing import route_request
 
 CONNECT, RESET, RESPONSE = rules.CONNECT, rules.RESET, rules.RESPONSE
 
@@ -56,6 +58,7 @@ class RequestStack:
         # own proxy decides whether to retry elsewhere.
         self.retry = RetryLayer(max_attempts=1 if direction == "inbound" else rules.MAX_ATTEMPTS)
         self.balance = BalanceLayer(router)
+        self._default_timeout = self.timeout.limit(DEFAULT_ROUTE)
         if tap is None:
             from linkproxy.layers.tap import TapLayer
             tap = TapLayer()
@@ -70,8 +73,13 @@ class RequestStack:
         @param grpc_timeout: seconds from C{grpc-timeout}, or C{None}.
         @return: a L{Call}.
         """
+        profiles = self.profiles
+        if grpc_timeout is None and (profiles is None or profiles.get(authority) is None):
+            # The common case, kept to one lookup: no profile, so no route, split or budget, and the
+            # listener's timeout (the route layer would answer the same).
+            return Call(self, authority, DEFAULT_ROUTE, self._default_timeout)
         profile, route = self.route.classify(authority, method, target)
-        call = Call(self, authority, route)
+        call = Call(self, authority, route, self.timeout.limit(route, grpc_timeout))
         if profile is not None:
             call.concrete = self.split.concrete(profile, authority)
             call.budget = self.profiles.budget(profile.target)
@@ -79,7 +87,6 @@ class RequestStack:
             metrics = call.metrics = self.metrics.route(self.direction, profile.target, route.name,
                                                               self.tls)
             metrics.requests.inc()
-        call.timeout, call.timeout_reason = self.timeout.limit(route, grpc_timeout)
         return call
 
 
@@ -101,11 +108,12 @@ class Call:
     __slots__ = ("_stack", "authority", "concrete", "route", "metrics", "budget", "timeout", "timeout_reason",
                  "attempts", "avoid")
 
-    def __init__(self, stack, authority, route):
+    def __init__(self, stack, authority, route, timeout):
         self._stack = stack
         self.authority = authority
         self.concrete = authority
         self.route = route
+        self.timeout, self.timeout_reason = timeout
         self.metrics = None
         self.budget = None
         self.attempts = 0
@@ -119,7 +127,9 @@ class Call:
         metrics = self.metrics
         if metrics is not None:
             metrics.actual_requests.inc()
-        return self._stack.balance.pick(self.concrete, self.avoid, now, later, failed)
+        balance = self._stack.balance
+        return route_request(balance.router, balance.route_now, self.concrete, now, later, failed,
+                             self.avoid if balance.avoids else None)
 
     def retry(self, kind, now, endpoint, safe, replayable):
         """

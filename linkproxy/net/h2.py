@@ -65,7 +65,7 @@ from linkproxy.core.grpc import error_response, grpc_status, parse_grpc_timeout
 from linkproxy.core.headers import CLIENT_ID, DST_OVERRIDE, HOP_BY_HOP, connection_tokens, normalize_authority
 from linkproxy.core.http1 import IDEMPOTENT_METHODS, MAX_REPLAY_BYTES
 from linkproxy.core.retry import CONNECT, RESET, RESPONSE
-from linkproxy.net.context import PLAIN, route_metrics
+from linkproxy.net.context import PLAIN, endpoint_tls, route_metrics
 from linkproxy.net.exchange import IStreamDownstream, IStreamEnd
 from linkproxy.net.h2_private import new_connection
 from linkproxy.net.splice import set_nodelay
@@ -569,10 +569,7 @@ class Stream:
         call = self.call
         lease = self.lease
         endpoint = lease.endpoint if lease is not None else None
-        if settings.direction == "outbound":
-            tls = "true" if endpoint is not None and endpoint.meshed and settings.connector.meshed else "false"
-        else:
-            tls = server.peer.tls
+        tls = endpoint_tls(settings.connector, endpoint)[0] if settings.direction == "outbound" else server.peer.tls
         peer = server.transport.getPeer() if server.transport is not None else None
         return {
             "direction": settings.direction, "authority": self.authority,

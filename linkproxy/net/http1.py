@@ -43,7 +43,7 @@ from linkproxy.core.errors import BadRequest, HeadersTooLarge, ProxyError, Respo
     blames_endpoint
 from linkproxy.core.headers import normalize_authority
 from linkproxy.layers.stack import CONNECT, RESET, RESPONSE
-from linkproxy.net.context import PLAIN, route_metrics
+from linkproxy.net.context import PLAIN, endpoint_tls, route_metrics
 from linkproxy.net.exchange import IHttp1Downstream, IHttp1Upstream
 from linkproxy.net.splice import set_nodelay
 from linkproxy.net.tcp import connect_error_label
@@ -803,10 +803,7 @@ class Http1ServerProtocol(Protocol):
         call = self._call
         lease = self._lease
         endpoint = lease.endpoint if lease is not None else None
-        if self._outbound:
-            tls = "true" if endpoint is not None and endpoint.meshed and self.settings.connector.meshed else "false"
-        else:
-            tls = self.peer.tls
+        tls = endpoint_tls(self.settings.connector, endpoint)[0] if self._outbound else self.peer.tls
         peer = self.transport.getPeer() if self.transport is not None else None
         path = self._target or b""
         if path[:1] != b"/" and b"://" in path:

@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+from linkproxy.core import protobuf
 from linkproxy.core.client_hello import NEED_MORE
 
 __all__ = [
@@ -45,7 +46,7 @@ _PREFIX_LENGTH = len(PREFACE) + 4
 _LENGTH = struct.Struct(">I")
 
 # Wire types (protobuf encoding guide).
-_VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
+_VARINT, _LEN = protobuf.VARINT, protobuf.LEN
 
 # Tags for the fields we write: (field number << 3) | wire type.
 _TAG_PORT = 0x08
@@ -54,8 +55,6 @@ _TAG_SESSION = 0x1A
 _SESSION_BODY = {"http1": b"\x0a\x00", "http2": b"\x12\x00"}
 _SESSION_KIND = {1: "http1", 2: "http2"}
 
-# protobuf's own parser refuses nesting deeper than 100; groups are the only nesting an unknown field brings.
-_MAX_DEPTH = 100
 
 
 class TransportHeaderError(ValueError):
@@ -88,13 +87,7 @@ def has_preface_prefix(data: bytes) -> bool:
     return data[:n] == PREFACE[:n]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+_varint = protobuf.encode_varint
 
 
 def encode(port: int, name: str = "", session_protocol: Optional[str] = None) -> bytes:
@@ -176,92 +169,11 @@ def header_length(data: bytes) -> int:
 # --- protobuf wire parsing -------------------------------------------------------------------------------
 
 
-def _read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
+def _fields(buf: bytes):
     """
-    @return: C{(value, new position)}; the value is the raw unsigned 64-bit integer.
+    The fields of one message (see L{linkproxy.core.protobuf.fields}), errors as L{TransportHeaderError}.
     """
-    result = shift = 0
-    for i in range(10):
-        if pos >= len(buf):
-            raise TransportHeaderError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            # Bits past 64 (from a tenth byte above 1) are dropped, as protobuf's parsers do.
-            return result & 0xFFFFFFFFFFFFFFFF, pos
-        shift += 7
-    raise TransportHeaderError("varint longer than 10 bytes")
-
-
-def _fields(buf: bytes, depth: int = 0):
-    """
-    Iterate over C{(field number, wire type, value)} in one message; C{value} is an C{int} for varints and
-    the payload bytes for length-delimited fields (fixed-width fields and groups are skipped over and
-    yielded with value L{None}).
-    """
-    pos, end = 0, len(buf)
-    while pos < end:
-        tag, pos = _read_varint(buf, pos)
-        number, wire = tag >> 3, tag & 7
-        if number == 0 or number > 0x1FFFFFFF:
-            raise TransportHeaderError(f"invalid field number {number}")
-        if wire == _VARINT:
-            value, pos = _read_varint(buf, pos)
-        elif wire == _LEN:
-            size, pos = _read_varint(buf, pos)
-            if size > end - pos:
-                raise TransportHeaderError("length-delimited field runs past the message")
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire in (_I64, _I32):
-            width = 8 if wire == _I64 else 4
-            if width > end - pos:
-                raise TransportHeaderError("fixed-width field runs past the message")
-            value, pos = None, pos + width
-        elif wire == _SGROUP:
-            value, pos = None, _skip_group(buf, pos, number, depth + 1)
-        else:
-            # An end-group tag with no group open, or wire types 6 and 7, which do not exist.
-            raise TransportHeaderError(f"unexpected wire type {wire} for field {number}")
-        yield number, wire, value
-
-
-def _skip_group(buf: bytes, pos: int, number: int, depth: int) -> int:
-    """
-    Skip a (deprecated, but still valid) group up to its matching end tag.
-
-    @return: the position after the end tag.
-    """
-    if depth > _MAX_DEPTH:
-        raise TransportHeaderError("groups nested too deeply")
-    end = len(buf)
-    while True:
-        if pos >= end:
-            raise TransportHeaderError("unterminated group")
-        tag, pos = _read_varint(buf, pos)
-        inner, wire = tag >> 3, tag & 7
-        if inner == 0 or inner > 0x1FFFFFFF:
-            raise TransportHeaderError(f"invalid field number {inner}")
-        if wire == _EGROUP:
-            if inner != number:
-                raise TransportHeaderError("mismatched end of group")
-            return pos
-        if wire == _VARINT:
-            _, pos = _read_varint(buf, pos)
-        elif wire == _LEN:
-            size, pos = _read_varint(buf, pos)
-            if size > end - pos:
-                raise TransportHeaderError("length-delimited field runs past the message")
-            pos += size
-        elif wire in (_I64, _I32):
-            width = 8 if wire == _I64 else 4
-            if width > end - pos:
-                raise TransportHeaderError("fixed-width field runs past the message")
-            pos += width
-        elif wire == _SGROUP:
-            pos = _skip_group(buf, pos, inner, depth + 1)
-        else:
-            raise TransportHeaderError(f"unexpected wire type {wire} for field {inner}")
+    return protobuf.fields(buf, TransportHeaderError)
 
 
 def _parse_session_kind(buf: bytes, kind: Optional[str]) -> Optional[str]:

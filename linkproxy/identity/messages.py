@@ -17,14 +17,15 @@ import datetime
 from dataclasses import dataclass
 from typing import Tuple
 
+from linkproxy.core import protobuf
+
 __all__ = ["CertifyRequest", "CertifyResponse", "MessageError", "MAX_MESSAGE_LENGTH"]
 
 #: The largest message either side accepts. A request is a name, a token (a JWT of a kilobyte or two) and a
 #: CSR of a few hundred bytes; a response is two or three certificates.
 MAX_MESSAGE_LENGTH = 64 * 1024
 
-_VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
-_MAX_DEPTH = 100
+_VARINT, _LEN = protobuf.VARINT, protobuf.LEN
 _UINT64 = (1 << 64) - 1
 
 
@@ -36,87 +37,18 @@ class MessageError(ValueError):
 
 def _varint(value: int) -> bytes:
     # Negative int64/int32 values go on the wire as their 64-bit two's complement: ten bytes.
-    value &= _UINT64
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return protobuf.encode_varint(value & _UINT64)
 
 
 def _len_field(tag: int, payload: bytes) -> bytes:
     return bytes((tag,)) + _varint(len(payload)) + payload
 
 
-def _read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
-    result = shift = 0
-    for _ in range(10):
-        if pos >= len(buf):
-            raise MessageError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result & _UINT64, pos
-        shift += 7
-    raise MessageError("varint longer than 10 bytes")
-
-
-def _skip(buf: bytes, pos: int, number: int, wire: int, depth: int) -> int:
-    end = len(buf)
-    if wire == _VARINT:
-        return _read_varint(buf, pos)[1]
-    if wire == _LEN:
-        size, pos = _read_varint(buf, pos)
-        if size > end - pos:
-            raise MessageError("length-delimited field runs past the message")
-        return pos + size
-    if wire in (_I64, _I32):
-        width = 8 if wire == _I64 else 4
-        if width > end - pos:
-            raise MessageError("fixed-width field runs past the message")
-        return pos + width
-    if wire == _SGROUP:
-        if depth > _MAX_DEPTH:
-            raise MessageError("groups nested too deeply")
-        while True:
-            if pos >= end:
-                raise MessageError("unterminated group")
-            tag, pos = _read_varint(buf, pos)
-            inner, inner_wire = tag >> 3, tag & 7
-            if inner == 0 or inner > 0x1FFFFFFF:
-                raise MessageError(f"invalid field number {inner}")
-            if inner_wire == _EGROUP:
-                if inner != number:
-                    raise MessageError("mismatched end of group")
-                return pos
-            pos = _skip(buf, pos, inner, inner_wire, depth + 1)
-    raise MessageError(f"unexpected wire type {wire} for field {number}")
-
-
 def _fields(buf: bytes):
     """
-    Iterate over C{(field number, wire type, value)}: an C{int} for varints, the payload for length-delimited
-    fields, C{None} for anything skipped (fixed-width fields and groups).
+    The fields of one message (see L{linkproxy.core.protobuf.fields}), errors as L{MessageError}.
     """
-    buf = bytes(buf)
-    pos, end = 0, len(buf)
-    while pos < end:
-        tag, pos = _read_varint(buf, pos)
-        number, wire = tag >> 3, tag & 7
-        if number == 0 or number > 0x1FFFFFFF:
-            raise MessageError(f"invalid field number {number}")
-        if wire == _VARINT:
-            value, pos = _read_varint(buf, pos)
-        elif wire == _LEN:
-            size, pos = _read_varint(buf, pos)
-            if size > end - pos:
-                raise MessageError("length-delimited field runs past the message")
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            value, pos = None, _skip(buf, pos, number, wire, 0)
-        yield number, wire, value
+    return protobuf.fields(bytes(buf), MessageError)
 
 
 def _signed(value: int, bits: int) -> int:
